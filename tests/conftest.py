@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny model built offline and a real SeaweedFS S3 server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# DeepSpeed JIT-compiles CPU ops on first use; a fixed cache keeps later runs fast.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama model + ChatML tokenizer, loadable with from_pretrained. Do not modify it."""
+    from kubetune.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """A real SeaweedFS S3 server on 127.0.0.1 (buckets: models, data, checkpoints, outputs)."""
+    from kubetune.testing import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"), buckets=("models", "data", "checkpoints", "outputs"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(seaweed, monkeypatch):
+    """Point boto3 in this process at the test server with real credentials."""
+    for key, value in seaweed.env.items():
+        monkeypatch.setenv(key, value)
+    return seaweed.env

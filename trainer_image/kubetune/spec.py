@@ -1,0 +1,515 @@
+"""The FineTuneJob resource as one typed model.
+
+This module is the single source of the resource's shape: the trainer and `kubetune run`
+read job files with it, the operator validates custom resources with it, and the CRD's
+OpenAPI schema in `crds/` is generated from it. It imports nothing heavier than pydantic
+and PyYAML so the operator image stays free of torch.
+
+Field names are the user-facing contract (shared/API.md): add fields, never rename.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "kubetune.io"
+API_VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SHORT_NAME = "ftj"
+
+
+class SpecModel(BaseModel):
+    """Base for every part of the spec: camelCase names, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        validate_default=True,
+    )
+
+
+class DatasetFormat(str, enum.Enum):
+    prompt_response = "prompt_response"
+    alpaca = "alpaca"
+    conversation = "conversation"
+    sharegpt = "sharegpt"
+    openai = "openai"
+    text = "text"
+
+
+class MethodType(str, enum.Enum):
+    freeze = "freeze"
+    lora = "lora"
+    qlora = "qlora"
+    ptuning = "ptuning"
+    prompt = "prompt"
+    full = "full"
+
+
+class Precision(str, enum.Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Offload(str, enum.Enum):
+    none = "none"
+    optimizer = "optimizer"
+    all = "all"
+
+
+class ServingEngine(str, enum.Enum):
+    builtin = "builtin"
+    vllm = "vllm"
+
+
+class Phase(str, enum.Enum):
+    Pending = "Pending"
+    Running = "Running"
+    Restarting = "Restarting"
+    Merging = "Merging"
+    Serving = "Serving"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+    Suspended = "Suspended"
+
+
+# ---------------------------------------------------------------------------------------
+# spec.model / spec.dataset
+
+
+class ModelSpec(SpecModel):
+    uri: str = Field(
+        description="Base model location: s3://BUCKET/PREFIX, file://PATH or a plain path, "
+        "pvc://CLAIM/PATH, or hf://ORG/NAME (only where a hub is reachable).",
+        min_length=1,
+    )
+    gguf_file: Optional[str] = Field(
+        None,
+        description="Name of a GGUF file inside the model location to load (dequantized) "
+        "instead of safetensors weights.",
+    )
+    chat_template: Optional[str] = Field(
+        None,
+        description="Jinja chat template overriding the tokenizer's own. Needed only when the "
+        "tokenizer has none; a wrong template makes the tuned model never stop generating.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow custom model code shipped with the model (ChatGLM-style)."
+    )
+
+
+class ColumnMapping(SpecModel):
+    prompt: Optional[str] = Field(None, description="Column holding the user prompt/instruction.")
+    query: Optional[str] = Field(None, description="Column holding extra input appended to the prompt (Alpaca `input`).")
+    response: Optional[str] = Field(None, description="Column holding the answer.")
+    history: Optional[str] = Field(None, description="Column holding earlier turns as [[question, answer], ...].")
+    system: Optional[str] = Field(None, description="Column holding the system prompt.")
+    messages: Optional[str] = Field(None, description="Column holding the message list (conversation formats).")
+    text: Optional[str] = Field(None, description="Column holding plain text (format text).")
+
+
+class ValidationSplit(SpecModel):
+    ratio: Optional[float] = Field(None, ge=0.0, lt=1.0, description="Fraction of the training data held out for validation.")
+    uri: Optional[str] = Field(None, description="Separate validation file, same format as the training data.")
+    max_samples: Optional[int] = Field(None, ge=1, description="Cap on validation samples.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ValidationSplit":
+        if self.ratio is not None and self.uri is not None:
+            raise ValueError("set either ratio or uri, not both")
+        return self
+
+
+class DatasetSpec(SpecModel):
+    uri: str = Field(description="Training data: JSON array or JSON Lines file (s3://, file:// or a path).", min_length=1)
+    format: DatasetFormat = Field(
+        DatasetFormat.prompt_response,
+        description="Record layout: prompt_response | alpaca | conversation | sharegpt | openai | text.",
+    )
+    columns: ColumnMapping = Field(default_factory=ColumnMapping, description="Column names when they differ from the format's defaults.")
+    validation: Optional[ValidationSplit] = Field(None, description="Validation split: {ratio: 0.1} or {uri: ...}.")
+    max_samples: Optional[int] = Field(None, ge=1, description="Use only the first N training records.")
+    shuffle: bool = Field(True, description="Shuffle training samples every epoch (seeded).")
+
+
+# ---------------------------------------------------------------------------------------
+# spec.method
+
+
+class LoraSpec(SpecModel):
+    r: int = Field(8, ge=1, le=1024, description="Adapter rank (lora_dim).")
+    alpha: float = Field(16, gt=0, description="Scaling numerator; the update is scaled by alpha/r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description="Module names to adapt (e.g. q_proj, v_proj, query_key_value) or [all-linear].",
+    )
+
+
+class QLoraSpec(LoraSpec):
+    bits: Literal[4, 8] = Field(4, description="Quantization bits of the frozen base (bitsandbytes, CUDA only).")
+
+
+class FreezeSpec(SpecModel):
+    trainable_modules: list[str] = Field(
+        default_factory=list,
+        description="Parameter-name substrings to train, e.g. ['layers.27.', 'layers.26.']; all else is frozen.",
+    )
+    last_layers: Optional[int] = Field(None, ge=1, description="Shorthand: train the last N transformer blocks.")
+
+    @model_validator(mode="after")
+    def _something_trainable(self) -> "FreezeSpec":
+        if not self.trainable_modules and self.last_layers is None:
+            raise ValueError("set trainableModules or lastLayers")
+        return self
+
+
+class PTuningSpec(SpecModel):
+    pre_seq_len: int = Field(16, ge=1, le=4096, description="Number of trainable prefix positions at every layer.")
+    prefix_projection: bool = Field(False, description="Reparameterize the prefix through a 2-layer MLP.")
+    projection_hidden_size: Optional[int] = Field(None, ge=1, description="Hidden size of that MLP (default: model hidden size).")
+
+
+class PromptSpec(SpecModel):
+    virtual_tokens: int = Field(20, ge=1, le=4096, description="Number of trainable virtual tokens at the input.")
+    init_text: Optional[str] = Field(None, description="Initialise the virtual tokens from this text's embeddings.")
+
+
+class MethodSpec(SpecModel):
+    type: MethodType = Field(MethodType.lora, description="freeze | lora | qlora | ptuning | prompt | full.")
+    lora: Optional[LoraSpec] = Field(None, description="LoRA settings (type lora).")
+    qlora: Optional[QLoraSpec] = Field(None, description="QLoRA settings (type qlora).")
+    freeze: Optional[FreezeSpec] = Field(None, description="Which modules train (type freeze).")
+    ptuning: Optional[PTuningSpec] = Field(None, description="P-tuning v2 settings (type ptuning).")
+    prompt: Optional[PromptSpec] = Field(None, description="Prompt tuning settings (type prompt).")
+    adapter_uri: Optional[str] = Field(
+        None,
+        description="Continue from an existing LoRA adapter: it is merged into the base first, then a new LoRA is trained.",
+    )
+
+    @model_validator(mode="after")
+    def _settings_match_type(self) -> "MethodSpec":
+        blocks = ("lora", "qlora", "freeze", "ptuning", "prompt")
+        for block in blocks:
+            if getattr(self, block) is not None and block != self.type:
+                raise ValueError(
+                    f"method.{block} is set but method.type is {self.type!r}; "
+                    f"remove method.{block} or set method.type: {block}"
+                )
+        if self.type == "freeze" and self.freeze is None:
+            raise ValueError("method.type freeze needs method.freeze.trainableModules or method.freeze.lastLayers")
+        if self.adapter_uri is not None and self.type not in ("lora", "qlora"):
+            raise ValueError(f"method.adapterUri continues a LoRA adapter; it needs method.type lora or qlora, not {self.type!r}")
+        return self
+
+    def settings(self) -> Optional[SpecModel]:
+        """The settings block of the chosen method, with defaults when the user gave none."""
+        defaults = {"lora": LoraSpec, "qlora": QLoraSpec, "ptuning": PTuningSpec, "prompt": PromptSpec}
+        block = getattr(self, self.type, None) if self.type != "full" else None
+        if block is None and self.type in defaults:
+            block = defaults[self.type]()
+        return block
+
+
+# ---------------------------------------------------------------------------------------
+# spec.training / spec.distributed
+
+
+class EvalSpec(SpecModel):
+    every_steps: Optional[int] = Field(None, ge=1, description="Compute validation loss every N steps (default: at the end of each epoch).")
+    generate: bool = Field(False, description="Also generate answers for validation samples and score them.")
+    max_samples: int = Field(32, ge=1, description="Validation samples used for generation metrics.")
+    max_new_tokens: int = Field(64, ge=1, description="Generation length for generation metrics.")
+
+
+class TrainingSpec(SpecModel):
+    epochs: Optional[float] = Field(None, gt=0, description="Passes over the training data (default 1 when maxSteps is unset).")
+    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to run; overrides epochs.")
+    learning_rate: float = Field(1.0e-4, gt=0, le=1.0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of steps with linear warmup.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 disables).")
+    micro_batch_size: int = Field(1, ge=1, description="Samples per device per forward pass (per_device_train_batch_size).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro batches per optimizer step.")
+    max_length: int = Field(1024, ge=8, description="Longest tokenized sample (prompt + answer); longer ones are truncated.")
+    max_source_length: Optional[int] = Field(None, ge=1, description="Longest prompt (max_src_len); the prompt is cut from the left.")
+    max_target_length: Optional[int] = Field(None, ge=1, description="Longest answer; the answer is cut from the right.")
+    packing: bool = Field(False, description="Pack several samples into one sequence; attention never crosses samples.")
+    seed: int = Field(1234, description="Seed for data order, initialisation and dropout.")
+    precision: Precision = Field(Precision.auto, description="fp32 | fp16 | bf16 | auto (bf16 on GPUs that support it, else fp32).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    log_every_steps: int = Field(10, ge=1, description="Log and export metrics every N optimizer steps.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Validation settings.")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "TrainingSpec":
+        for name in ("max_source_length", "max_target_length"):
+            value = getattr(self, name)
+            if value is not None and value >= self.max_length:
+                raise ValueError(f"training.{to_camel(name)} ({value}) must be smaller than training.maxLength ({self.max_length})")
+        return self
+
+
+class ZeroSpec(SpecModel):
+    stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3 (0 is plain data parallel).")
+    offload: Offload = Field(Offload.none, description="none | optimizer (stage >= 1) | all (optimizer and parameters, stage 3).")
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> "ZeroSpec":
+        if self.offload == "optimizer" and self.stage < 1:
+            raise ValueError("zero.offload optimizer needs zero.stage 1, 2 or 3")
+        if self.offload == "all" and self.stage != 3:
+            raise ValueError("zero.offload all (parameters too) needs zero.stage 3")
+        return self
+
+
+class DistributedSpec(SpecModel):
+    nodes: int = Field(1, ge=1, le=1024, description="Machines (worker pods).")
+    gpus_per_node: int = Field(1, ge=1, le=64, description="GPUs per node; processes per node on CPU-only runs.")
+    zero: ZeroSpec = Field(default_factory=ZeroSpec, description="DeepSpeed ZeRO settings.")
+    deepspeed_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Raw DeepSpeed config merged over the generated one (experts only).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+# ---------------------------------------------------------------------------------------
+# Kubernetes placement, storage, outputs, serving, run policy
+
+
+Quantity = int | str
+
+
+class ResourceSpec(SpecModel):
+    requests: dict[str, Quantity] = Field(default_factory=dict, description="Resource requests, e.g. {cpu: '8', memory: 64Gi}.")
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="Resource limits, e.g. {nvidia.com/gpu: 4}.")
+
+    # Resource names contain dots and slashes: keep keys as written.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ImageSpec(SpecModel):
+    trainer: Optional[str] = Field(None, description="Trainer image (training and merge); default from the operator's settings.")
+    serving: Optional[str] = Field(None, description="Serving image for engine builtin; default: the trainer image.")
+    vllm: Optional[str] = Field(None, description="vLLM image for engine vllm.")
+    pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = Field(None, description="imagePullPolicy for every container.")
+
+
+class CheckpointSpec(SpecModel):
+    uri: Optional[str] = Field(None, description="Where checkpoints go (default: OUTPUT/checkpoints, or ./runs/NAME/checkpoints locally).")
+    every_steps: int = Field(100, ge=1, description="Save a checkpoint every N optimizer steps (and at the end, and on SIGTERM).")
+    keep: int = Field(3, ge=1, description="Complete checkpoints to keep; older ones are deleted after a newer one is committed.")
+
+
+class StorageSpec(SpecModel):
+    endpoint: Optional[str] = Field(None, description="S3-compatible endpoint URL (MinIO, Ceph, SeaweedFS); default: AWS.")
+    region: Optional[str] = Field(None, description="S3 region.")
+    credentials_secret: Optional[str] = Field(
+        None, description="Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (never put keys in the spec)."
+    )
+    delete_on_job_deletion: bool = Field(False, description="Delete checkpoints when the job is deleted (outputs are always kept).")
+
+
+class OutputSpec(SpecModel):
+    uri: Optional[str] = Field(None, description="Where the adapter and merged model go (default: ./runs/NAME/output locally).")
+    merge: bool = Field(True, description="Merge a LoRA adapter into the base model for serving.")
+
+
+class GenerationSpec(SpecModel):
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(50, ge=0, description="Sample among the K likeliest tokens (0 = all).")
+    max_tokens: int = Field(256, ge=1, description="Longest answer in tokens.")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="Penalty for repeated tokens (1 = off).")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size (0 = off).")
+    num_beams: int = Field(1, ge=1, description="Beam search width (1 = off).")
+    do_sample: Optional[bool] = Field(None, description="Sample instead of greedy decoding (default: temperature > 0).")
+
+
+class ServingSpec(SpecModel):
+    enabled: bool = Field(False, description="Deploy an inference server on the merged model after training.")
+    engine: ServingEngine = Field(ServingEngine.builtin, description="builtin (kubetune-serve, also on CPU) | vllm (GPU clusters).")
+    replicas: int = Field(1, ge=0, description="Serving pods.")
+    resources: ResourceSpec = Field(default_factory=ResourceSpec, description="Resources of each serving pod.")
+    generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Default generation settings.")
+    history: bool = Field(True, description="Use earlier turns the client sends; false answers each question alone (Q&A).")
+    auth_secret: Optional[str] = Field(None, description="Secret with key `token`: clients must send `Authorization: Bearer TOKEN`.")
+    port: int = Field(8000, ge=1, le=65535, description="Container port of the server.")
+
+
+class RunPolicy(SpecModel):
+    backoff_limit: int = Field(3, ge=0, description="Gang restarts allowed before the job fails.")
+    active_deadline_seconds: Optional[int] = Field(None, ge=1, description="Fail the job after this many seconds of running.")
+    ttl_seconds_after_finished: Optional[int] = Field(None, ge=0, description="Delete the finished job's workers after this many seconds.")
+    suspend: bool = Field(False, description="Stop workers and keep checkpoints; set back to false to continue.")
+
+
+class FineTuneJobSpec(SpecModel):
+    model: ModelSpec = Field(description="Base model.")
+    dataset: DatasetSpec = Field(description="Training data.")
+    method: MethodSpec = Field(default_factory=MethodSpec, description="Fine-tuning method and its settings.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Training hyperparameters.")
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="Processes, nodes and DeepSpeed settings.")
+    resources: ResourceSpec = Field(default_factory=ResourceSpec, description="Resources of each worker pod (one per node).")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the workers must run on.")
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Pod tolerations (Kubernetes syntax).",
+        json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+    )
+    affinity: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Pod affinity (Kubernetes syntax).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    priority_class_name: Optional[str] = Field(None, description="PriorityClass of the workers.")
+    scheduler_name: Optional[str] = Field(None, description="Scheduler (e.g. volcano).")
+    queue_name: Optional[str] = Field(None, description="Queue for Kueue (label kueue.x-k8s.io/queue-name) or Volcano.")
+    image: ImageSpec = Field(default_factory=ImageSpec, description="Image overrides.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint location and cadence.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="S3-compatible storage settings.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where the trained model goes.")
+    serving: ServingSpec = Field(default_factory=ServingSpec, description="Inference server after training.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Restarts, deadlines, suspension.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "FineTuneJobSpec":
+        if self.method.type == "qlora" and self.distributed.zero.stage == 3:
+            raise ValueError("method.type qlora cannot be combined with distributed.zero.stage 3 (quantized weights cannot be partitioned); use stage 0-2")
+        if self.serving.enabled and self.method.type in ("ptuning", "prompt") and self.serving.engine == "vllm":
+            raise ValueError("serving.engine vllm cannot serve ptuning/prompt adapters; use engine builtin")
+        return self
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: Optional[str] = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class FineTuneJob(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    api_version: Literal["kubetune.io/v1alpha1"] = Field("kubetune.io/v1alpha1", alias="apiVersion")
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+
+
+# ---------------------------------------------------------------------------------------
+# Loading job files with errors that point at the line
+
+
+class SpecError(ValueError):
+    """A job document is invalid. `problems` holds (field path, line or None, message)."""
+
+    def __init__(self, source: str, problems: list[tuple[str, Optional[int], str]]):
+        self.source = source
+        self.problems = problems
+        lines = []
+        for path, line, message in problems:
+            where = f"{source}:{line}" if line else source
+            lines.append(f"{where}: {path}: {message}" if path else f"{where}: {message}")
+        super().__init__("\n".join(lines))
+
+
+def _line_index(text: str) -> dict[tuple, int]:
+    """Map each key path in a YAML document to its 1-based line number."""
+    index: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        index.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = path + (key.value,)
+                index[child] = key.start_mark.line + 1
+                walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (i,))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return index
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def _field_path(loc: tuple) -> tuple:
+    # pydantic adds union-branch and validator names to loc; keep only real keys.
+    return tuple(p for p in loc if isinstance(p, int) or not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+
+
+def problems_from_validation_error(err: ValidationError, lines: Optional[dict[tuple, int]] = None) -> list[tuple[str, Optional[int], str]]:
+    lines = lines or {}
+    problems = []
+    for e in err.errors():
+        path = _field_path(e["loc"])
+        line = None
+        for cut in range(len(path), -1, -1):
+            if path[:cut] in lines:
+                line = lines[path[:cut]]
+                break
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; see `kubectl explain ftj.spec`)"
+        elif e["type"] == "missing":
+            message = "required field is missing"
+        elif "input" in e and e["type"] not in ("model_type",) and not isinstance(e["input"], (dict, list)):
+            message = f"{message} (got {e['input']!r})"
+        problems.append((".".join(str(p) for p in path), line, message))
+    return problems
+
+
+def parse_job(document: dict[str, Any], source: str = "<job>", text: Optional[str] = None) -> FineTuneJob:
+    """Validate a job document (a dict from YAML or from the API server)."""
+    if not isinstance(document, dict):
+        raise SpecError(source, [("", 1, f"expected a FineTuneJob mapping, got {type(document).__name__}")])
+    try:
+        return FineTuneJob.model_validate(document)
+    except ValidationError as err:
+        raise SpecError(source, problems_from_validation_error(err, _line_index(text) if text else None)) from None
+
+
+def load_job(path: str | Path) -> FineTuneJob:
+    """Read a job file (YAML or JSON). Errors name the file, the line and the field."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(str(path), [("", None, "file not found")]) from None
+    except UnicodeDecodeError as err:
+        raise SpecError(str(path), [("", None, f"not UTF-8 text ({err.reason} at byte {err.start})")]) from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise SpecError(str(path), [("", line, f"invalid YAML: {getattr(err, 'problem', err)}")]) from None
+    return parse_job(document, str(path), text)
+
+
+def dump_job(job: FineTuneJob) -> dict[str, Any]:
+    """The job as a plain document with the user-facing (camelCase) names."""
+    return job.model_dump(mode="json", by_alias=True, exclude_none=True)
