@@ -177,7 +177,9 @@ def s3_client(endpoint: Optional[str] = None, region: Optional[str] = None):
         s3={"addressing_style": "path"},
         max_pool_connections=max(10, TRANSFER_THREADS * 2),
     )
-    return boto3.client(
+    # A fresh session reads the credentials from the environment now; boto3's default
+    # session would keep the first ones it saw (e.g. from before a Secret was rotated).
+    return boto3.session.Session().client(
         "s3",
         endpoint_url=endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or None,
         region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
