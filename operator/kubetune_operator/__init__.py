@@ -1,0 +1,1 @@
+"""KubeTune operator: reconciles FineTuneJob resources (kopf)."""

@@ -1,0 +1,33 @@
+"""Operator settings from its own environment (set by the Helm chart)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
+    vllm_image: str = "vllm/vllm-openai:v0.11.0"
+    image_pull_policy: str = "IfNotPresent"
+    # Seconds between reconciliation cycles of one job (kopf timer interval).
+    reconcile_interval: float = 10.0
+    metrics_port: int = 8081
+    liveness_port: int = 8080
+    # Log lines of a failed worker kept in status.failure and the Failed event.
+    failure_log_lines: int = 20
+
+    @classmethod
+    def from_env(cls, env: "dict[str, str] | None" = None) -> "Settings":
+        env = os.environ if env is None else env
+        defaults = cls()
+        return cls(
+            trainer_image=env.get("KUBETUNE_TRAINER_IMAGE", defaults.trainer_image),
+            vllm_image=env.get("KUBETUNE_VLLM_IMAGE", defaults.vllm_image),
+            image_pull_policy=env.get("KUBETUNE_IMAGE_PULL_POLICY", defaults.image_pull_policy),
+            reconcile_interval=float(env.get("KUBETUNE_RECONCILE_INTERVAL", defaults.reconcile_interval)),
+            metrics_port=int(env.get("KUBETUNE_OPERATOR_METRICS_PORT", defaults.metrics_port)),
+            liveness_port=int(env.get("KUBETUNE_OPERATOR_LIVENESS_PORT", defaults.liveness_port)),
+            failure_log_lines=int(env.get("KUBETUNE_FAILURE_LOG_LINES", defaults.failure_log_lines)),
+        )

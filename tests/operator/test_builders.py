@@ -1,0 +1,150 @@
+"""Child manifests: valid Kubernetes objects with the contract's names, commands and safety."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from kubetune.spec import parse_job
+from kubetune_operator import builders
+from kubetune_operator.settings import Settings
+
+from operator_helpers import EXAMPLES, example, k8s_validate
+
+SETTINGS = Settings()
+ALL_EXAMPLES = sorted(p.name for p in EXAMPLES.glob("*.yaml") if yaml.safe_load(p.read_text()).get("kind") == "FineTuneJob")
+
+
+def children(job):
+    out = [builders.build_config_map(job), builders.build_worker_service(job)]
+    out += [builders.build_worker_pod(job, i, SETTINGS) for i in range(job.spec.distributed.nodes)]
+    out += [builders.build_merge_pod(job, SETTINGS), builders.build_serving_deployment(job, SETTINGS), builders.build_serving_service(job)]
+    return out
+
+
+@pytest.mark.parametrize("name", ALL_EXAMPLES)
+def test_every_child_of_every_example_is_a_valid_kubernetes_object(name):
+    job = example(name)
+    for manifest in children(job):
+        k8s_validate(manifest)
+        meta = manifest["metadata"]
+        assert meta["labels"][builders.JOB_LABEL] == job.metadata.name
+        assert meta["ownerReferences"] == [builders.owner_reference(job)]
+        assert meta["ownerReferences"][0]["uid"] == job.metadata.uid and meta["ownerReferences"][0]["controller"] is True
+
+
+def pod_specs(job):
+    for manifest in children(job):
+        if manifest["kind"] == "Pod":
+            yield manifest["spec"]
+        elif manifest["kind"] == "Deployment":
+            yield manifest["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("name", ALL_EXAMPLES)
+def test_pods_run_non_root_without_privileges_and_secrets_only_by_reference(name):
+    job = example(name)
+    for spec in pod_specs(job):
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec["automountServiceAccountToken"] is False
+        for container in spec["containers"] + spec.get("initContainers", []):
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+            for env in container.get("env", []):
+                if env["name"].startswith("AWS_") and env["name"] not in ("AWS_ENDPOINT_URL", "AWS_REGION"):
+                    assert env["valueFrom"]["secretKeyRef"] == {"name": job.spec.storage.credentials_secret, "key": env["name"]}
+                    assert "value" not in env
+
+
+def test_worker_pod_follows_the_torchrun_contract():
+    job = example("lora-multinode.yaml")
+    pod = builders.build_worker_pod(job, 1, SETTINGS, attempt=2)
+    assert pod["metadata"]["name"] == "qa-bot-worker-1"
+    assert pod["metadata"]["labels"]["kubetune.io/role"] == "worker"
+    assert pod["metadata"]["labels"]["kubetune.io/attempt"] == "2"
+    assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    spec = pod["spec"]
+    assert (spec["hostname"], spec["subdomain"], spec["restartPolicy"]) == ("qa-bot-worker-1", "qa-bot-workers", "Never")
+    container = spec["containers"][0]
+    assert container["command"] == [
+        "torchrun", "--nnodes", "2", "--nproc_per_node", "4", "--node_rank", "1",
+        "--master_addr", "qa-bot-worker-0.qa-bot-workers", "--master_port", "29500",
+        "-m", "kubetune.train.main", "--job", "/etc/kubetune/job.yaml",
+    ]  # fmt: skip
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "4"}
+    assert container["resources"]["requests"] == {"cpu": "8", "memory": "64Gi"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.minio.svc:9000"
+    shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory"}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_volcano_queue_placement_and_cpu_only_pods():
+    job = example("full-zero3-offload.yaml")
+    pod = builders.build_worker_pod(job, 0, SETTINGS)
+    assert pod["metadata"]["annotations"] == {"scheduling.volcano.sh/queue-name": "research"}
+    assert "kueue.x-k8s.io/queue-name" not in pod["metadata"]["labels"]
+    assert (pod["spec"]["schedulerName"], pod["spec"]["priorityClassName"]) == ("volcano", "training-high")
+    assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    cpu = builders.build_worker_pod(example("ptuning-cpu.yaml"), 0, SETTINGS)
+    assert "nvidia.com/gpu" not in cpu["spec"]["containers"][0]["resources"]["limits"]
+
+
+def test_config_map_holds_the_job_the_trainer_reads():
+    job = example("lora-multinode.yaml")
+    cm = builders.build_config_map(job)
+    doc = yaml.safe_load(cm["data"]["job.yaml"])
+    assert doc["metadata"] == {"name": "qa-bot", "namespace": "default"}
+    assert parse_job(doc).spec == job.spec
+    assert builders.job_from_config_map(cm, job).spec == job.spec
+
+
+def test_rendezvous_service_is_headless_and_selects_workers():
+    svc = builders.build_worker_service(example("lora-multinode.yaml"))
+    assert svc["metadata"]["name"] == "qa-bot-workers"
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {"kubetune.io/job": "qa-bot", "kubetune.io/role": "worker"}
+
+
+def test_merge_pod_runs_the_merge_step_without_gpus():
+    pod = builders.build_merge_pod(example("lora-multinode.yaml"), SETTINGS)
+    container = pod["spec"]["containers"][0]
+    assert container["command"] == ["kubetune-train", "--job", "/etc/kubetune/job.yaml", "--merge"]
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+
+
+def test_builtin_serving_serves_the_merged_model_with_probes():
+    job = example("lora-multinode.yaml")
+    deployment = builders.build_serving_deployment(job, SETTINGS)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:3] == ["kubetune-serve", "--model", "s3://models/qa-bot/model"]
+    assert "--base-model" not in container["command"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8000}
+    assert deployment["spec"]["selector"]["matchLabels"] == {"kubetune.io/job": "qa-bot", "kubetune.io/role": "serve"}
+    assert builders.endpoint_url(job) == "http://qa-bot-serve.default.svc:8000/v1"
+
+
+def test_adapter_only_serving_passes_the_base_model_and_no_history():
+    deployment = builders.build_serving_deployment(example("ptuning-cpu.yaml"), SETTINGS)
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--model") + 1] == "s3://models/faq-ptuning/adapter"
+    assert command[command.index("--base-model") + 1] == "s3://models/smollm2-135m-instruct"
+    assert "--no-history" in command
+
+
+def test_vllm_serving_fetches_the_merged_model_with_our_image():
+    job = example("qlora-vllm.yaml")
+    pod = builders.build_serving_deployment(job, SETTINGS)["spec"]["template"]["spec"]
+    init = pod["initContainers"][0]
+    assert init["image"] == SETTINGS.trainer_image
+    assert "s3://models/support-qlora/model" in init["command"][-1]
+    vllm = pod["containers"][0]
+    assert vllm["image"] == SETTINGS.vllm_image
+    assert vllm["command"][vllm["command"].index("--model") + 1] == "/models/model"
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # pvc:// model location -> the claim is mounted where kubetune.storage looks.
+    assert {"name": "pvc-0", "persistentVolumeClaim": {"claimName": "models"}} in pod["volumes"]
