@@ -1,0 +1,1 @@
+"""Data pipeline: read -> convert to messages -> tokenize with the chat template -> rows -> batches."""

@@ -1,0 +1,193 @@
+"""Message lists -> token ids and labels with the model tokenizer's own chat template.
+
+Labels: only assistant tokens are trained (every assistant turn, including the template's
+end-of-turn marker that follows the content); everything else is -100. The assistant spans
+are found by rendering the conversation prefix by prefix as text: the characters added by
+rendering turn i after `add_generation_prompt` of turns < i are that turn's answer. Tokens
+are then mapped to characters with the tokenizer's offsets, so this works for any template
+(ChatML, Llama 3, ChatGLM, ...) without knowing its markup.
+
+Length limits (documented truncation; a "turn" is the prompt part before an answer plus
+that answer):
+  1. an answer longer than maxTargetLength is cut from the right;
+  2. a prompt part longer than maxSourceLength is cut from the left (it keeps its end:
+     the newest text and the assistant header);
+  3. while the sample is longer than maxLength and has several turns, the last turn is
+     dropped;
+  4. a single turn still longer than maxLength keeps at most max(maxLength // 2, maxLength
+     - answer) prompt tokens from its end and cuts the answer from the right to fit.
+Plain text (format text) is the text's tokens + EOS, cut from the right at maxLength.
+The first token of every sample has label -100 (nothing predicts it), so packed samples
+never train one sample's last token to predict the next sample's first.
+A sample left without trained tokens is dropped (counted in the returned statistics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..testing import CHATML_TEMPLATE
+from .converters import Message
+
+IGNORE = -100
+
+# Named templates a user may set in spec.model.chatTemplate instead of Jinja text, for
+# tokenizers that ship none. Explicit only: a missing template is never guessed.
+NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+
+
+class TemplateError(ValueError):
+    pass
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE)
+
+
+@dataclass
+class LengthLimits:
+    max_length: int
+    max_source_length: Optional[int] = None
+    max_target_length: Optional[int] = None
+
+
+@dataclass
+class TokenizeStats:
+    samples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    dropped_sources: list[str] = field(default_factory=list)
+
+
+def install_chat_template(tokenizer, chat_template: Optional[str], model_name: str) -> None:
+    """Use spec.model.chatTemplate when set (Jinja text or a name from NAMED_TEMPLATES);
+    otherwise the tokenizer must bring its own."""
+    if chat_template:
+        tokenizer.chat_template = NAMED_TEMPLATES.get(chat_template.strip().lower(), chat_template)
+    elif not getattr(tokenizer, "chat_template", None):
+        raise TemplateError(
+            f"the tokenizer of {model_name} has no chat template; set spec.model.chatTemplate to the "
+            f"model's Jinja chat template (or to 'chatml' to use ChatML explicitly), or use "
+            f"spec.dataset.format text for plain-text training"
+        )
+
+
+def _render(tokenizer, messages: list[Message], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_char_spans(tokenizer, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the (start, end) characters of every assistant answer."""
+    text = _render(tokenizer, messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], True)
+        upto = _render(tokenizer, messages[: i + 1], False)
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise TemplateError(
+                "the chat template renders earlier turns differently once later turns follow, so answer "
+                "tokens cannot be located; set spec.model.chatTemplate to a template without that behaviour"
+            )
+        spans.append((len(before), len(upto)))
+    return text, spans
+
+
+def _turns(ids: list[int], trained: list[bool]) -> list[tuple[list[int], list[int]]]:
+    """Split a token sequence into (prompt, answer) pairs; tokens after the last answer are dropped."""
+    turns, prompt, answer = [], [], []
+    for token, is_answer in zip(ids, trained):
+        if is_answer:
+            answer.append(token)
+        else:
+            if answer:
+                turns.append((prompt, answer))
+                prompt, answer = [], []
+            prompt.append(token)
+    if answer:
+        turns.append((prompt, answer))
+    return turns
+
+
+def truncate_turns(turns: list[tuple[list[int], list[int]]], limits: LengthLimits) -> list[tuple[list[int], list[int]]]:
+    """Apply the documented truncation rules 1-4 (module docstring)."""
+    out = []
+    for prompt, answer in turns:
+        if limits.max_target_length is not None:
+            answer = answer[: limits.max_target_length]
+        if limits.max_source_length is not None and len(prompt) > limits.max_source_length:
+            prompt = prompt[len(prompt) - limits.max_source_length :]
+        out.append((prompt, answer))
+    total = sum(len(p) + len(a) for p, a in out)
+    while total > limits.max_length and len(out) > 1:
+        prompt, answer = out.pop()
+        total -= len(prompt) + len(answer)
+    if total > limits.max_length:
+        prompt, answer = out[0]
+        keep_prompt = max(limits.max_length // 2, limits.max_length - len(answer))
+        prompt = prompt[max(0, len(prompt) - keep_prompt) :]
+        answer = answer[: limits.max_length - len(prompt)]
+        out = [(prompt, answer)]
+    return out
+
+
+def tokenize_messages(tokenizer, messages: list[Message], limits: LengthLimits) -> tuple[Sample, bool]:
+    """(sample, truncated) for a chat sample rendered with the tokenizer's chat template."""
+    text, spans = assistant_char_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    trained = [any(lo <= start < hi for lo, hi in spans) for start, _ in enc["offset_mapping"]]
+    turns = _turns(ids, trained)
+    kept = truncate_turns(turns, limits)
+    input_ids, labels = [], []
+    for prompt, answer in kept:
+        input_ids += prompt + answer
+        labels += [IGNORE] * len(prompt) + answer
+    truncated = kept != turns
+    return _first_label_ignored(Sample(input_ids, labels)), truncated
+
+
+def tokenize_text(tokenizer, text: str, limits: LengthLimits) -> tuple[Sample, bool]:
+    """(sample, truncated) for plain text: every token is trained."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    truncated = len(ids) > limits.max_length
+    ids = ids[: limits.max_length]
+    return _first_label_ignored(Sample(ids, list(ids))), truncated
+
+
+def _first_label_ignored(sample: Sample) -> Sample:
+    if sample.labels:
+        sample.labels[0] = IGNORE
+    return sample
+
+
+def tokenize_examples(tokenizer, examples, limits: LengthLimits, plain_text: bool) -> tuple[list[Sample], TokenizeStats]:
+    """Tokenize every example; samples without a trained token are dropped and counted."""
+    stats = TokenizeStats()
+    samples = []
+    for example in examples:
+        if plain_text:
+            sample, truncated = tokenize_text(tokenizer, example.messages[0]["content"], limits)
+        else:
+            sample, truncated = tokenize_messages(tokenizer, example.messages, limits)
+        stats.truncated += truncated
+        if sample.trained_tokens == 0:
+            stats.dropped += 1
+            stats.dropped_sources.append(example.source)
+            continue
+        samples.append(sample)
+    stats.samples = len(samples)
+    return samples, stats
