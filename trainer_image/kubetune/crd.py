@@ -68,7 +68,9 @@ class FineTuneJobStatus(StatusModel):
     training_generation: Optional[int] = Field(None, description="metadata.generation the running workers were started with.")
     start_time: Optional[str] = Field(None, description="When the workers were first created (RFC 3339).")
     completion_time: Optional[str] = Field(None, description="When the job reached Succeeded, Serving or Failed (RFC 3339).")
+    failure_reason: Optional[str] = Field(None, description="Reason of the failure: InvalidSpec, InvalidInput, BackoffLimitExceeded, DeadlineExceeded, MergeFailed.")
     failure: Optional[str] = Field(None, description="Why the job failed: pod, exit code, last log lines.")
+    attempt: int = Field(0, description="Gang generation, incremented on every gang restart; worker pods carry it as label kubetune.io/attempt.")
     last_failed_pod: Optional[str] = Field(None, description="Worker whose failure caused the last gang restart.")
 
 

@@ -1,0 +1,407 @@
+"""The job's state machine as one pure function.
+
+    decide(job, observed, progress, previous status, now) -> Decision(status, actions, events)
+
+`observed` is what the handler saw this cycle (children, Secret, semantic problems);
+`actions` say which children to create or delete; `events` are emitted for every phase
+transition. No I/O here, so every transition is unit-tested from a table.
+
+Phases: Pending -> Running -> (Restarting -> Running)* -> Merging -> Serving | Succeeded,
+with Suspended (runPolicy.suspend) and Failed (InvalidSpec, InvalidInput, BackoffLimitExceeded,
+DeadlineExceeded, MergeFailed) on the side.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Optional
+
+from kubetune import exitcodes
+from kubetune.layout import MERGEABLE_METHODS, JobLayout
+from kubetune.progress import Progress
+from kubetune.spec import FineTuneJob
+
+from . import builders
+
+
+class Action(str, enum.Enum):
+    ENSURE_TRAINING_INFRA = "ensure-training-infra"  # ConfigMap + headless Service
+    CREATE_WORKERS = "create-workers"  # the missing worker pods of the gang
+    DELETE_WORKERS = "delete-workers"
+    CREATE_MERGE = "create-merge"
+    DELETE_MERGE = "delete-merge"
+    ENSURE_SERVING = "ensure-serving"  # Deployment + Service
+    DELETE_SERVING = "delete-serving"
+
+
+@dataclass(frozen=True)
+class PodState:
+    name: str
+    phase: str  # Pending | Running | Succeeded | Failed | Unknown
+    exit_code: Optional[int] = None
+    attempt: int = 0  # gang generation (label kubetune.io/attempt)
+    deleting: bool = False
+    reason: str = ""  # e.g. OOMKilled, Evicted
+    log_tail: str = ""  # last log lines, fetched by the handler for failed pods only
+
+    @property
+    def failed(self) -> bool:
+        return self.phase == "Failed"
+
+
+@dataclass
+class Observed:
+    workers: dict[int, PodState] = field(default_factory=dict)  # by node index
+    merge: Optional[PodState] = None
+    serving_ready_replicas: Optional[int] = None  # None: no Deployment
+    problems: list[str] = field(default_factory=list)  # InvalidSpec messages (schema, semantics, Secret)
+    spec_changes: list[str] = field(default_factory=list)  # training fields changed since the workers started
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    status: dict
+    actions: list[Action]
+    events: list[Event]
+
+
+ACTIVE = ("Pending", "Running", "Restarting")
+TERMINAL = ("Succeeded", "Failed")
+
+
+def iso(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(value: str) -> datetime:
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=None)
+
+
+def set_condition(conditions: list[dict], type_: str, status: str, reason: str, message: str, now: datetime, generation: Optional[int]) -> list[dict]:
+    """Conditions by type; lastTransitionTime moves only when the status flips."""
+    out = [c for c in conditions if c["type"] != type_]
+    old = next((c for c in conditions if c["type"] == type_), None)
+    changed = old is None or old["status"] != status
+    out.append(
+        {
+            "type": type_,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": iso(now) if changed else old.get("lastTransitionTime", iso(now)),
+            "observedGeneration": generation,
+        }
+    )
+    return sorted(out, key=lambda c: c["type"])
+
+
+def drop_condition(conditions: list[dict], type_: str) -> list[dict]:
+    return [c for c in conditions if c["type"] != type_]
+
+
+def describe_failure(pod: PodState) -> str:
+    text = f"pod {pod.name} failed with exit code {pod.exit_code}" if pod.exit_code is not None else f"pod {pod.name} failed"
+    if pod.reason:
+        text += f" ({pod.reason})"
+    if pod.log_tail:
+        text += ". Last log lines:\n" + pod.log_tail
+    return text
+
+
+def progress_status(progress: Progress) -> dict:
+    out = {
+        "step": progress.step,
+        "totalSteps": progress.total_steps,
+        "percent": progress.percent,
+        "summary": f"{progress.step}/{progress.total_steps}" if progress.total_steps else "",
+    }
+    if progress.eta_seconds is not None:
+        out["etaSeconds"] = round(progress.eta_seconds, 1)
+    return out
+
+
+class _Machine:
+    """One reconciliation step; collects status changes, actions and events."""
+
+    def __init__(self, job: FineTuneJob, observed: Observed, progress: Optional[Progress], previous: dict, now: datetime, layout: Optional[JobLayout]):
+        self.job = job
+        self.observed = observed
+        self.progress = progress
+        self.previous = previous
+        self.now = now
+        self.layout = layout
+        self.generation = getattr(job.metadata, "generation", None)
+        self.status = {k: v for k, v in previous.items()}
+        self.status.setdefault("restarts", 0)
+        self.status.setdefault("conditions", [])
+        self.actions: list[Action] = []
+        self.events: list[Event] = []
+
+    # -- helpers
+    @property
+    def phase(self) -> Optional[str]:
+        return self.status.get("phase")
+
+    def condition(self, type_: str, status: str, reason: str, message: str) -> None:
+        self.status["conditions"] = set_condition(self.status["conditions"], type_, status, reason, message, self.now, self.generation)
+
+    def move(self, phase: str, reason: str, message: str, warning: bool = False) -> None:
+        if phase == self.phase:
+            return
+        self.status["phase"] = phase
+        self.events.append(Event("Warning" if warning else "Normal", reason, message))
+        if phase in TERMINAL or phase == "Serving":
+            self.status.setdefault("completionTime", iso(self.now))
+
+    def fail(self, reason: str, message: str) -> None:
+        self.status["failureReason"] = reason
+        self.status["failure"] = message
+        self.condition("Failed", "True", reason, message)
+        self.condition("Ready", "False", reason, message)
+        self.move("Failed", reason, message, warning=True)
+        self.actions.append(Action.DELETE_WORKERS)
+        self.actions.append(Action.DELETE_MERGE)
+
+    # -- stages
+    def run(self) -> None:
+        self._apply_progress()
+        if self.observed.problems:
+            self._invalid()
+            return
+        self.status["conditions"] = drop_condition(self.status["conditions"], "InvalidSpec")
+        if self.phase == "Failed":
+            if self.status.get("failureReason") == "InvalidSpec":  # fixed spec: start over
+                self.status.pop("failureReason", None)
+                self.status.pop("failure", None)
+                self.status["conditions"] = drop_condition(self.status["conditions"], "Failed")
+                self.status["phase"] = None
+            else:
+                self.actions.append(Action.DELETE_WORKERS)
+                self.actions.append(Action.DELETE_MERGE)
+                return
+        self._spec_changes()
+        phase = self.phase or "Pending"
+        if phase in ACTIVE or phase == "Suspended":
+            self._train()
+        if self.phase == "Merging":
+            self._merge()
+        if self.phase in ("Serving", "Succeeded"):
+            self._serve()
+            self._ttl()
+
+    def _apply_progress(self) -> None:
+        p = self.progress
+        if p is None:
+            return
+        self.status["progress"] = progress_status(p)
+        if p.loss is not None:
+            self.status["loss"] = round(p.loss, 6)
+        if p.last_checkpoint_uri or p.last_checkpoint:
+            self.status["lastCheckpoint"] = p.last_checkpoint_uri or p.last_checkpoint
+        outputs = {"adapterUri": p.outputs.get("adapter"), "mergedUri": p.outputs.get("model")}
+        outputs = {k: v for k, v in outputs.items() if v}
+        if outputs:
+            self.status["outputs"] = {**self.status.get("outputs", {}), **outputs}
+
+    def _invalid(self) -> None:
+        message = "; ".join(self.observed.problems)
+        self.condition("InvalidSpec", "True", "InvalidSpec", message)
+        if self.phase in (None, "Pending", "Failed"):
+            self.status["failureReason"] = "InvalidSpec"
+            self.status["failure"] = message
+            self.condition("Ready", "False", "InvalidSpec", message)
+            if self.phase != "Failed":
+                self.status["phase"] = "Failed"
+            previous = next((c for c in self.previous.get("conditions", []) if c["type"] == "InvalidSpec"), None)
+            if previous is None or previous["message"] != message:
+                self.events.append(Event("Warning", "InvalidSpec", message))
+        # A job already training keeps running on the spec it started with.
+
+    def _spec_changes(self) -> None:
+        if self.observed.spec_changes:
+            fields = ", ".join(f"spec.{f}" for f in self.observed.spec_changes)
+            message = (f"{fields} changed after training started; the workers keep the spec they started with. "
+                       "Delete and re-create the job to train with the new spec (serving and runPolicy changes apply).")  # fmt: skip
+            was = any(c["type"] == "SpecChangeRefused" for c in self.status["conditions"])
+            self.condition("SpecChangeRefused", "True", "TrainingFieldsImmutable", message)
+            if not was:
+                self.events.append(Event("Warning", "SpecChangeRefused", message))
+        else:
+            self.status["conditions"] = drop_condition(self.status["conditions"], "SpecChangeRefused")
+
+    def _train(self) -> None:
+        spec = self.job.spec
+        workers = self.observed.workers
+        nodes = spec.distributed.nodes
+        if spec.run_policy.suspend:
+            if workers:
+                self.actions.append(Action.DELETE_WORKERS)
+            self.condition("Suspended", "True", "Suspended", "runPolicy.suspend is true: workers stopped, checkpoints kept")
+            self.move("Suspended", "Suspended", "workers deleted; checkpoints are kept; set runPolicy.suspend: false to continue")
+            return
+        if self.phase == "Suspended":
+            self.status["conditions"] = drop_condition(self.status["conditions"], "Suspended")
+            self.move("Pending", "Resumed", "resuming from the newest checkpoint")
+        if self.phase is None:
+            self.move("Pending", "Created", f"starting {nodes} worker(s) x {spec.distributed.gpus_per_node} process(es)")
+        self.actions.append(Action.ENSURE_TRAINING_INFRA)
+        if self._deadline_passed():
+            return
+        attempt = self.status.get("attempt", 0)
+        if any(w.attempt != attempt for w in workers.values()):
+            # The previous gang is still there (being deleted): never mix two gangs.
+            self.actions.append(Action.DELETE_WORKERS)
+            return
+        if self._gang_failed():
+            return
+        if workers and len(workers) == nodes and all(w.phase == "Succeeded" for w in workers.values()):
+            self._training_done()
+            return
+        if len(workers) < nodes:
+            self.actions.append(Action.CREATE_WORKERS)
+            self.status.setdefault("startTime", iso(self.now))
+            self.status["trainingGeneration"] = self.status.get("trainingGeneration") or self.generation
+        if workers and len(workers) == nodes and all(w.phase in ("Running", "Succeeded") for w in workers.values()):
+            self.condition("Training", "True", "WorkersRunning", f"{nodes} worker(s) running")
+            self.move("Running", "Running", f"all {nodes} worker(s) running")
+        else:
+            self.condition("Training", "False", "WorkersStarting", f"{len(workers)}/{nodes} worker(s) created")
+
+    def _deadline_passed(self) -> bool:
+        deadline = self.job.spec.run_policy.active_deadline_seconds
+        start = self.status.get("startTime")
+        if deadline and start and self.now.replace(tzinfo=None) > parse_iso(start) + timedelta(seconds=deadline):
+            self.fail("DeadlineExceeded", f"the job ran longer than runPolicy.activeDeadlineSeconds ({deadline}s)")
+            return True
+        return False
+
+    def _gang_failed(self) -> bool:
+        """A failed or vanished worker: replace the whole gang (or fail the job)."""
+        workers = self.observed.workers
+        nodes = self.job.spec.distributed.nodes
+        failed = sorted((w for w in workers.values() if w.failed), key=lambda w: w.name)
+        vanished = []
+        if self.phase == "Running":  # all workers existed; a missing one was deleted or evicted
+            vanished = [i for i in range(nodes) if i not in workers]
+        if not failed and not vanished:
+            return False
+        if failed:
+            pod = failed[0]
+            cause = describe_failure(pod)
+        else:
+            pod = None
+            cause = f"pod {builders.worker_pod_name(self.job.metadata.name, vanished[0])} disappeared"
+        if pod is not None and pod.exit_code == exitcodes.INVALID_INPUT:
+            self.fail("InvalidInput", f"the trainer rejected the job or its data (no retry): {cause}")
+            return True
+        self.status["lastFailedPod"] = pod.name if pod else builders.worker_pod_name(self.job.metadata.name, vanished[0])
+        if pod is not None and pod.exit_code == exitcodes.PREEMPTED:
+            message = f"{cause}: preempted after saving a checkpoint; restarting the gang (not counted)"
+        else:
+            restarts = self.status["restarts"] + 1
+            limit = self.job.spec.run_policy.backoff_limit
+            if restarts > limit:
+                self.fail("BackoffLimitExceeded", f"{cause}; runPolicy.backoffLimit ({limit}) restarts used up")
+                return True
+            self.status["restarts"] = restarts
+            message = f"{cause}; restarting the gang from the newest checkpoint (restart {restarts} of {limit})"
+        self.condition("Training", "False", "GangRestart", message)
+        self.status["attempt"] = self.status.get("attempt", 0) + 1
+        self.status["phase"] = "Restarting"
+        self.events.append(Event("Warning", "GangRestart", message))
+        self.actions.append(Action.DELETE_WORKERS)
+        return True
+
+    def _training_done(self) -> None:
+        self.condition("Training", "False", "Completed", "training finished")
+        layout = self.layout
+        if layout is not None:
+            outputs = {"adapterUri": str(layout.adapter) if layout.adapter else None}
+            if layout.model is not None:
+                outputs["mergedUri"] = str(layout.model)
+            self.status["outputs"] = {k: v for k, v in {**self.status.get("outputs", {}), **outputs}.items() if v}
+        if self.needs_merge():
+            self.move("Merging", "Merging", "training finished; merging the adapter into the base model")
+        else:
+            self._finish_training()
+
+    def needs_merge(self) -> bool:
+        spec = self.job.spec
+        return spec.method.type in MERGEABLE_METHODS and spec.output.merge
+
+    def _finish_training(self) -> None:
+        if self.job.spec.serving.enabled:
+            self.move("Serving", "Serving", f"deploying the inference server at {builders.endpoint_url(self.job)}")
+        else:
+            self.condition("Ready", "True", "Succeeded", "training finished; outputs written")
+            self.move("Succeeded", "Succeeded", "training finished; outputs written")
+
+    def _merge(self) -> None:
+        merge = self.observed.merge
+        if merge is None:
+            self.actions.append(Action.CREATE_MERGE)
+            return
+        if merge.phase == "Succeeded":
+            self.condition("Merged", "True", "Merged", "adapter merged into the base model")
+            self._finish_training()
+            return
+        if merge.failed:
+            cause = describe_failure(merge)
+            restarts = self.status["restarts"] + 1
+            limit = self.job.spec.run_policy.backoff_limit
+            if merge.exit_code == exitcodes.INVALID_INPUT or restarts > limit:
+                self.fail("MergeFailed", cause)
+                return
+            self.status["restarts"] = restarts
+            self.condition("Merged", "False", "MergeRetry", cause)
+            self.events.append(Event("Warning", "MergeRetry", f"{cause}; retrying (restart {restarts} of {limit})"))
+            self.actions.append(Action.DELETE_MERGE)
+
+    def _serve(self) -> None:
+        enabled = self.job.spec.serving.enabled
+        if not enabled:
+            if self.observed.serving_ready_replicas is not None:
+                self.actions.append(Action.DELETE_SERVING)
+            self.status.pop("endpoint", None)
+            self.status["conditions"] = drop_condition(self.status["conditions"], "Serving")
+            self.condition("Ready", "True", "Succeeded", "training finished; outputs written")
+            self.move("Succeeded", "ServingDisabled" if self.phase == "Serving" else "Succeeded", "serving disabled; outputs kept")
+            return
+        self.move("Serving", "Serving", f"deploying the inference server at {builders.endpoint_url(self.job)}")
+        self.actions.append(Action.ENSURE_SERVING)
+        self.status["endpoint"] = builders.endpoint_url(self.job)
+        ready = self.observed.serving_ready_replicas or 0
+        wanted = self.job.spec.serving.replicas
+        if wanted == 0 or ready > 0:
+            if not any(c["type"] == "Ready" and c["status"] == "True" for c in self.status["conditions"]):
+                self.events.append(Event("Normal", "ServingReady", f"{ready}/{wanted} serving replica(s) ready at {self.status['endpoint']}"))
+            self.condition("Ready", "True", "ServingReady", f"{ready}/{wanted} serving replica(s) ready")
+        else:
+            self.condition("Ready", "False", "ServingNotReady", f"0/{wanted} serving replica(s) ready")
+
+    def _ttl(self) -> None:
+        ttl = self.job.spec.run_policy.ttl_seconds_after_finished
+        done = self.status.get("completionTime")
+        if ttl is not None and done and self.now.replace(tzinfo=None) >= parse_iso(done) + timedelta(seconds=ttl):
+            if self.observed.workers:
+                self.actions.append(Action.DELETE_WORKERS)
+            if self.observed.merge is not None:
+                self.actions.append(Action.DELETE_MERGE)
+
+
+def decide(job: FineTuneJob, observed: Observed, progress: Optional[Progress], previous: dict, now: datetime, layout: Optional[JobLayout] = None) -> Decision:
+    machine = _Machine(job, observed, progress, dict(previous or {}), now, layout)
+    machine.run()
+    status = machine.status
+    status["observedGeneration"] = machine.generation
+    actions = list(dict.fromkeys(machine.actions))  # keep order, drop repeats
+    return Decision(status=status, actions=actions, events=machine.events)

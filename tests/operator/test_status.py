@@ -1,0 +1,169 @@
+"""The job state machine: observed children + progress.json + previous status -> new status."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pytest
+
+from kubetune.layout import job_layout
+from kubetune.progress import Progress
+from kubetune_operator.status import Action, Observed, PodState, decide
+
+from operator_helpers import example
+
+NOW = datetime(2026, 11, 22, 12, 0, 0)
+A = Action
+
+
+def pods(*phases, attempt=0, codes=None):
+    codes = codes or {}
+    return {i: PodState(f"qa-bot-worker-{i}", p, exit_code=codes.get(i), attempt=attempt, log_tail="boom" if p == "Failed" else "") for i, p in enumerate(phases)}
+
+
+def job(name="lora-multinode.yaml", **policy):
+    j = example(name)
+    for key, value in policy.items():
+        setattr(j.spec.run_policy if key != "serving" else j.spec.serving, key if key != "serving" else "enabled", value)
+    return j
+
+
+def run(previous, observed=None, progress=None, j=None, now=NOW):
+    j = j or job()
+    return decide(j, observed or Observed(), progress, previous, now, job_layout(j))
+
+
+# (previous status, observed workers, expected phase, expected actions, expected event reasons)
+TABLE = [
+    pytest.param({}, {}, "Pending", [A.ENSURE_TRAINING_INFRA, A.CREATE_WORKERS], ["Created"], id="new job creates the gang"),
+    pytest.param({"phase": "Pending"}, pods("Pending", "Running"), "Pending", [A.ENSURE_TRAINING_INFRA], [], id="waits for every worker"),
+    pytest.param({"phase": "Pending"}, pods("Running"), "Pending", [A.ENSURE_TRAINING_INFRA, A.CREATE_WORKERS], [], id="creates only the missing worker"),
+    pytest.param({"phase": "Pending"}, pods("Running", "Running"), "Running", [A.ENSURE_TRAINING_INFRA], ["Running"], id="all running"),
+    pytest.param({"phase": "Running"}, pods("Running", "Running"), "Running", [A.ENSURE_TRAINING_INFRA], [], id="steady state: nothing to do"),
+    pytest.param({"phase": "Running"}, pods("Running", "Failed", codes={1: 1}), "Restarting", [A.ENSURE_TRAINING_INFRA, A.DELETE_WORKERS], ["GangRestart"], id="failed worker restarts the gang"),
+    pytest.param({"phase": "Running"}, pods("Running"), "Restarting", [A.ENSURE_TRAINING_INFRA, A.DELETE_WORKERS], ["GangRestart"], id="vanished worker restarts the gang"),
+    pytest.param({"phase": "Restarting", "attempt": 1, "restarts": 1}, pods("Running", "Failed"), "Restarting", [A.ENSURE_TRAINING_INFRA, A.DELETE_WORKERS], [], id="old gang deleted before the new one"),
+    pytest.param({"phase": "Restarting", "attempt": 1, "restarts": 1}, {}, "Restarting", [A.ENSURE_TRAINING_INFRA, A.CREATE_WORKERS], [], id="new gang created"),
+    pytest.param({"phase": "Restarting", "attempt": 1, "restarts": 1}, pods("Running", "Running", attempt=1), "Running", [A.ENSURE_TRAINING_INFRA], ["Running"], id="new gang running"),
+    pytest.param({"phase": "Running"}, pods("Failed", "Running", codes={0: 64}), "Failed", [A.ENSURE_TRAINING_INFRA, A.DELETE_WORKERS, A.DELETE_MERGE], ["InvalidInput"], id="exit 64 fails without retry"),
+    pytest.param({"phase": "Running", "restarts": 3}, pods("Failed", "Running", codes={0: 1}), "Failed", [A.ENSURE_TRAINING_INFRA, A.DELETE_WORKERS, A.DELETE_MERGE], ["BackoffLimitExceeded"], id="backoff limit"),
+    pytest.param({"phase": "Running"}, pods("Succeeded", "Succeeded"), "Merging", [A.ENSURE_TRAINING_INFRA, A.CREATE_MERGE], ["Merging"], id="training done -> merge"),
+    pytest.param({"phase": "Failed", "failureReason": "BackoffLimitExceeded"}, pods("Failed"), "Failed", [A.DELETE_WORKERS, A.DELETE_MERGE], [], id="failed stays failed"),
+]
+
+
+@pytest.mark.parametrize("previous, workers, phase, actions, events", TABLE)
+def test_transitions(previous, workers, phase, actions, events):
+    decision = run(previous, Observed(workers=workers))
+    assert decision.status["phase"] == phase
+    assert decision.actions == actions
+    assert [e.reason for e in decision.events] == events
+
+
+def test_restart_counts_and_failure_names_pod_exit_code_and_log():
+    d = run({"phase": "Running", "restarts": 1}, Observed(workers=pods("Running", "Failed", codes={1: 137})))
+    assert (d.status["restarts"], d.status["attempt"], d.status["lastFailedPod"]) == (2, 1, "qa-bot-worker-1")
+    assert "exit code 137" in d.events[0].message and "restart 2 of 3" in d.events[0].message
+    d = run({"phase": "Running", "restarts": 3}, Observed(workers=pods("Running", "Failed", codes={1: 137})))
+    assert d.status["failureReason"] == "BackoffLimitExceeded"
+    assert "qa-bot-worker-1" in d.status["failure"] and "137" in d.status["failure"] and "boom" in d.status["failure"]
+    assert any(c["type"] == "Failed" and c["reason"] == "BackoffLimitExceeded" for c in d.status["conditions"])
+
+
+def test_preemption_restarts_without_counting():
+    d = run({"phase": "Running", "restarts": 1}, Observed(workers=pods("Failed", "Failed", codes={0: 75, 1: 75})))
+    assert d.status["phase"] == "Restarting" and d.status["restarts"] == 1 and d.status["attempt"] == 1
+
+
+def test_suspend_deletes_workers_and_resume_starts_a_new_gang():
+    d = run({"phase": "Running", "startTime": "2026-11-22T11:00:00Z"}, Observed(workers=pods("Running", "Running")), j=job(suspend=True))
+    assert d.status["phase"] == "Suspended" and d.actions == [A.DELETE_WORKERS]
+    assert [e.reason for e in d.events] == ["Suspended"]
+    d = run(d.status, Observed(), j=job(suspend=True))
+    assert d.status["phase"] == "Suspended" and d.actions == [] and d.events == []
+    d = run(d.status, Observed())
+    assert d.status["phase"] == "Pending" and A.CREATE_WORKERS in d.actions
+    assert [e.reason for e in d.events] == ["Resumed"]
+    assert not any(c["type"] == "Suspended" for c in d.status["conditions"])
+
+
+def test_merge_then_serving_then_ready():
+    d = run({"phase": "Merging"}, Observed(workers=pods("Succeeded", "Succeeded")))
+    assert d.actions == [A.CREATE_MERGE]
+    d = run(d.status, Observed(merge=PodState("qa-bot-merge", "Succeeded")))
+    assert d.status["phase"] == "Serving" and d.actions == [A.ENSURE_SERVING]
+    assert d.status["endpoint"] == "http://qa-bot-serve.default.svc:8000/v1"
+    assert d.status["completionTime"] == "2026-11-22T12:00:00Z"
+    ready = next(c for c in d.status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ServingNotReady")
+    d = run(d.status, Observed(serving_ready_replicas=1))
+    ready = next(c for c in d.status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "ServingReady")
+    assert [e.reason for e in d.events] == ["ServingReady"]
+    # Turning serving off keeps the outputs and removes the server.
+    d = run(d.status, Observed(serving_ready_replicas=1), j=job(serving=False))
+    assert d.status["phase"] == "Succeeded" and d.actions == [A.DELETE_SERVING] and "endpoint" not in d.status
+
+
+def test_merge_failure_retries_then_fails():
+    d = run({"phase": "Merging", "restarts": 0}, Observed(merge=PodState("qa-bot-merge", "Failed", exit_code=1)))
+    assert d.status["phase"] == "Merging" and d.actions == [A.DELETE_MERGE] and d.status["restarts"] == 1
+    d = run({"phase": "Merging"}, Observed(merge=PodState("qa-bot-merge", "Failed", exit_code=64)))
+    assert d.status["phase"] == "Failed" and d.status["failureReason"] == "MergeFailed"
+
+
+def test_adapter_only_methods_skip_the_merge():
+    d = run({"phase": "Running"}, Observed(workers={0: PodState("faq-ptuning-worker-0", "Succeeded")}), j=job("ptuning-cpu.yaml"))
+    assert d.status["phase"] == "Serving"
+    assert d.status["outputs"] == {"adapterUri": "s3://models/faq-ptuning/adapter"}
+
+
+def test_progress_json_fills_progress_loss_checkpoint_and_outputs():
+    progress = Progress(phase="training", step=50, total_steps=200, loss=1.234567891, eta_seconds=90.04,
+                        last_checkpoint="step-000000050", last_checkpoint_uri="s3://checkpoints/qa-bot/step-000000050",
+                        outputs={"adapter": "s3://models/qa-bot/adapter", "model": None})  # fmt: skip
+    d = run({"phase": "Running"}, Observed(workers=pods("Running", "Running")), progress)
+    assert d.status["progress"] == {"step": 50, "totalSteps": 200, "percent": 25.0, "summary": "50/200", "etaSeconds": 90.0}
+    assert d.status["loss"] == pytest.approx(1.234568)
+    assert d.status["lastCheckpoint"] == "s3://checkpoints/qa-bot/step-000000050"
+    assert d.status["outputs"] == {"adapterUri": "s3://models/qa-bot/adapter"}
+
+
+def test_invalid_spec_fails_once_and_recovers_when_fixed():
+    d = run({}, Observed(problems=["Secret 's3-credentials' not found in namespace default"]))
+    assert d.status["phase"] == "Failed" and d.status["failureReason"] == "InvalidSpec" and d.actions == []
+    assert [e.reason for e in d.events] == ["InvalidSpec"]
+    again = run(d.status, Observed(problems=["Secret 's3-credentials' not found in namespace default"]))
+    assert again.events == [] and again.status["phase"] == "Failed"
+    fixed = run(again.status, Observed())
+    assert fixed.status["phase"] == "Pending" and A.CREATE_WORKERS in fixed.actions
+    assert not any(c["type"] in ("InvalidSpec", "Failed") for c in fixed.status["conditions"])
+
+
+def test_running_job_with_changed_training_fields_keeps_running_and_says_so():
+    d = run({"phase": "Running"}, Observed(workers=pods("Running", "Running"), spec_changes=["training"]))
+    assert d.status["phase"] == "Running" and d.actions == [A.ENSURE_TRAINING_INFRA]
+    refused = next(c for c in d.status["conditions"] if c["type"] == "SpecChangeRefused")
+    assert "spec.training" in refused["message"] and [e.reason for e in d.events] == ["SpecChangeRefused"]
+    assert run(d.status, Observed(workers=pods("Running", "Running"), spec_changes=["training"])).events == []
+
+
+def test_deadline_and_ttl():
+    j = job()
+    j.spec.run_policy.active_deadline_seconds = 60
+    d = run({"phase": "Running", "startTime": "2026-11-22T11:58:00Z"}, Observed(workers=pods("Running", "Running")), j=j)
+    assert d.status["phase"] == "Failed" and d.status["failureReason"] == "DeadlineExceeded"
+    j = job(serving=False)
+    j.spec.run_policy.ttl_seconds_after_finished = 60
+    status = {"phase": "Succeeded", "completionTime": "2026-11-22T11:58:00Z"}
+    done = pods("Succeeded", "Succeeded")
+    assert run(status, Observed(workers=done), j=j, now=NOW - timedelta(minutes=1, seconds=30)).actions == []
+    assert run(status, Observed(workers=done), j=j).actions == [A.DELETE_WORKERS]
+
+
+def test_condition_transition_time_moves_only_on_flips():
+    d1 = run({"phase": "Pending"}, Observed(workers=pods("Running", "Running")))
+    d2 = run(d1.status, Observed(workers=pods("Running", "Running")), now=NOW + timedelta(minutes=5))
+    t1 = next(c for c in d1.status["conditions"] if c["type"] == "Training")["lastTransitionTime"]
+    t2 = next(c for c in d2.status["conditions"] if c["type"] == "Training")["lastTransitionTime"]
+    assert t1 == t2 == "2026-11-22T12:00:00Z"
