@@ -1,0 +1,248 @@
+"""The OpenAI wire format: request bodies, error bodies, responses and stream chunks.
+
+Pure data and functions, no model and no HTTP: the server parses requests with these models
+and builds every answer with these helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..spec import GenerationSpec
+from .sampling import SamplingParams
+
+
+class APIError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Request(BaseModel):
+    # Unknown fields (user, metadata, ...) are ignored as most OpenAI-compatible servers do.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128)
+    stop: list[str] = Field(default_factory=list)
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[dict[str, Any]] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Optional[Union[bool, int]] = None
+    # Extra fields beyond the OpenAI API (as vLLM accepts them).
+    top_k: Optional[int] = Field(None, ge=-1)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0)
+    no_repeat_ngram_size: Optional[int] = Field(None, ge=0)
+    num_beams: Optional[int] = Field(None, ge=1, le=64)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if isinstance(stops, list) and len(stops) > 16:
+            raise ValueError("at most 16 stop strings")
+        return stops
+
+    def check_supported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} is not supported by this server; use repetition_penalty", param=name)
+        if self.logprobs:
+            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+        beams = self.num_beams or 1
+        if beams > 1 and self.stream:
+            raise APIError(400, "num_beams > 1 cannot be streamed", param="stream")
+        if beams > 1 and self.n > beams:
+            raise APIError(400, f"n ({self.n}) must not exceed num_beams ({beams})", param="n")
+
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_tokens
+
+    def sampling_params(self, defaults: GenerationSpec, prompt_tokens: int, context: int) -> SamplingParams:
+        """This request's settings over the server's defaults, bounded by the context."""
+        room = context - prompt_tokens
+        requested = self.requested_max_tokens()
+        if requested is not None and requested > room:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for the completion). "
+                "Please reduce the prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        if self.temperature is not None:
+            temperature = self.temperature
+        else:
+            temperature = defaults.temperature if defaults.do_sample is not False else 0.0
+        top_k = self.top_k if self.top_k is not None else defaults.top_k
+        return SamplingParams(
+            max_tokens=requested if requested is not None else min(defaults.max_tokens, room),
+            temperature=temperature,
+            top_p=self.top_p if self.top_p is not None else defaults.top_p,
+            top_k=max(top_k, 0),
+            repetition_penalty=self.repetition_penalty if self.repetition_penalty is not None else defaults.repetition_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size if self.no_repeat_ngram_size is not None else defaults.no_repeat_ngram_size,
+            num_beams=self.num_beams if self.num_beams is not None else defaults.num_beams,
+            seed=self.seed,
+            stop=tuple(self.stop),
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def conversation(self, history: bool) -> list[dict[str, str]]:
+        """Messages for the chat template; without history only system prompts and the last user turn."""
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        if history:
+            return messages
+        last_user = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if not last_user:
+            raise APIError(400, "messages must contain a user message", param="messages")
+        return [m for i, m in enumerate(messages) if m["role"] == "system" or i == last_user[-1]]
+
+
+class CompletionRequest(_Request):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """One entry per prompt: text or token ids."""
+        if self.echo:
+            raise APIError(400, "echo is not supported by this server", param="echo")
+        value = self.prompt
+        if isinstance(value, str):
+            return [value]
+        if not value:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if all(isinstance(v, int) for v in value):
+            return [list(value)]  # type: ignore[list-item]
+        return list(value)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------
+# answers
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_response(rid: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
+            for i, (text, reason) in enumerate(choices)
+        ],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def completion_response(rid: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None} for i, (text, reason) in enumerate(choices)],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chat_chunk(rid: str, model: str, index: int, delta: dict[str, str], finish_reason: Optional[str] = None) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+    }
+
+
+def completion_chunk(rid: str, model: str, index: int, text: str, finish_reason: Optional[str] = None) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+    }
+
+
+def usage_chunk(rid: str, model: str, obj: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def sse(data: Union[dict[str, Any], str]) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n".encode()
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "ChatMessage"}
+
+
+def validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """The first pydantic/FastAPI validation error as an OpenAI-style 400."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
+    # Union branches add their type names to loc; keep field names and indices only.
+    param = ".".join(p for p in loc if (p.isidentifier() and p not in _TYPE_NAMES) or p.isdigit()) or None
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "missing":
+        message = "field required"
+    return APIError(400, f"{param}: {message}" if param else message, param=param)
