@@ -1,0 +1,21 @@
+"""Checkpoints in S3-compatible storage or a folder: see manager.py and manifest.py."""
+
+from .manager import CheckpointError, CheckpointManager, NoUsableCheckpoint, WorldSizeMismatch
+from .manifest import MANIFEST, Manifest, ManifestError, checkpoint_name, checkpoint_step, parse_manifest, plan_rotation
+from .retry import RetryPolicy, with_retry
+
+__all__ = [
+    "MANIFEST",
+    "CheckpointError",
+    "CheckpointManager",
+    "Manifest",
+    "ManifestError",
+    "NoUsableCheckpoint",
+    "RetryPolicy",
+    "WorldSizeMismatch",
+    "checkpoint_name",
+    "checkpoint_step",
+    "parse_manifest",
+    "plan_rotation",
+    "with_retry",
+]

@@ -1,0 +1,386 @@
+"""CheckpointManager: DeepSpeed checkpoints in S3-compatible storage or a folder, committed by
+a manifest written last, verified before resume, rotated after each commit.
+
+Every rank of every node takes part in `save` and `load` (collectives). Each node writes the
+DeepSpeed files to its own local disk (`local_dir`); the files of a node are hashed and
+uploaded in parallel by that node's ranks; rank 0 writes `manifest.json` once all ranks
+reported success. On resume every node downloads the checkpoint into its own `local_dir`
+(files already there with the right checksum are kept), so a restart on fresh nodes works.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+from ..progress import utc_now
+from ..storage import Store, StorageError, open_store, sha256_file
+from ..uri import Uri, parse_uri
+from .manifest import (
+    MANIFEST,
+    FileEntry,
+    Manifest,
+    ManifestError,
+    checkpoint_name,
+    checkpoint_step,
+    missing_or_wrong,
+    parse_manifest,
+    plan_rotation,
+)
+from .retry import RetryPolicy, with_retry
+from .rng import load_rng_state, save_rng_state
+
+log = logging.getLogger("kubetune.checkpoint")
+
+UPLOAD_THREADS = 4
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class WorldSizeMismatch(CheckpointError):
+    """The checkpoint holds per-rank ZeRO shards for a different number of ranks."""
+
+
+class NoUsableCheckpoint(CheckpointError):
+    """Every checkpoint that was tried failed its checksums."""
+
+
+def assign_files(files: dict[str, int], ranks: list[int]) -> dict[int, list[str]]:
+    """Split files (path -> size) among ranks so each moves about the same number of bytes."""
+    load = {r: 0 for r in ranks}
+    out: dict[int, list[str]] = {r: [] for r in ranks}
+    for path in sorted(files, key=lambda p: (-files[p], p)):
+        rank = min(ranks, key=lambda r: (load[r], r))
+        out[rank].append(path)
+        load[rank] += files[path]
+    return out
+
+
+def _local_files(folder: Path) -> dict[str, int]:
+    if not folder.is_dir():
+        return {}
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class CheckpointManager:
+    def __init__(
+        self,
+        uri: str | Uri,
+        *,
+        keep: int,
+        local_dir: str | Path,
+        rank: int,
+        world_size: int,
+        endpoint: Optional[str] = None,
+        retry: Optional[RetryPolicy] = None,
+        store: Optional[Store] = None,
+    ):
+        if keep < 1:
+            raise ValueError("checkpoint.keep must be >= 1")
+        self.uri = uri if isinstance(uri, Uri) else parse_uri(uri)
+        self.store = store or open_store(self.uri, endpoint=endpoint)
+        self.keep = keep
+        self.local_dir = Path(local_dir)
+        self.rank = rank
+        self.world_size = world_size
+        self.retry = retry or RetryPolicy.from_env()
+        self.loaded: Optional[str] = None  # the checkpoint the last load() restored
+        self._bad: dict[str, str] = {}  # checkpoints that failed checksums in this process
+        self._node_keys: Optional[list[tuple[str, str]]] = None
+
+    # ------------------------------------------------------------------ collectives
+
+    def _dist(self):
+        if self.world_size <= 1:
+            return None
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise CheckpointError(f"world size is {self.world_size} but torch.distributed is not initialized")
+        return dist
+
+    def _gather(self, obj: Any) -> list[Any]:
+        dist = self._dist()
+        if dist is None:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _from_rank0(self, obj: Any) -> Any:
+        dist = self._dist()
+        if dist is None:
+            return obj
+        box = [obj if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _barrier(self) -> None:
+        dist = self._dist()
+        if dist is not None:
+            dist.barrier()
+
+    def _node_ranks(self) -> list[int]:
+        """Ranks that share this rank's local disk (same host, same local_dir), lowest first."""
+        if self._node_keys is None:
+            self._node_keys = self._gather((socket.gethostname(), str(self.local_dir.resolve())))
+        mine = self._node_keys[self.rank]
+        return [r for r, key in enumerate(self._node_keys) if key == mine]
+
+    def _retry(self, what: str, fn, *args):
+        return with_retry(self.retry, what, fn, *args)
+
+    # ------------------------------------------------------------------ listing
+
+    def _listing(self) -> dict[str, dict[str, int]]:
+        """Stored objects grouped by checkpoint name: name -> {relative path: size}."""
+        grouped: dict[str, dict[str, int]] = {}
+        for obj in self._retry(f"listing {self.uri}", self.store.list, ""):
+            name, _, rest = obj.key.partition("/")
+            if rest and checkpoint_step(name) is not None:
+                grouped.setdefault(name, {})[rest] = obj.size
+        return grouped
+
+    def _read_manifest(self, name: str) -> Manifest:
+        raw = self._retry(f"reading {name}/{MANIFEST}", self.store.get_bytes, f"{name}/{MANIFEST}")
+        return parse_manifest(raw, name)
+
+    def verify(self, name: str, files: Optional[dict[str, int]] = None) -> tuple[Optional[Manifest], Optional[str]]:
+        """(manifest, None) when the checkpoint is complete, else (None, reason)."""
+        if name in self._bad:
+            return None, self._bad[name]
+        files = self._listing().get(name, {}) if files is None else files
+        if MANIFEST not in files:
+            return None, "incomplete: no manifest.json (the upload did not finish)"
+        try:
+            manifest = self._read_manifest(name)
+        except (ManifestError, FileNotFoundError) as err:
+            return None, str(err)
+        reason = missing_or_wrong(manifest, files)
+        return (None, reason) if reason else (manifest, None)
+
+    def _scan(self, log_skipped: bool):
+        """Complete checkpoints, newest first (lazily: stops reading manifests when the caller stops)."""
+        listing = self._listing()
+        for name in sorted(listing, key=lambda n: checkpoint_step(n) or 0, reverse=True):
+            _, reason = self.verify(name, listing[name])
+            if reason is None:
+                yield name
+            elif log_skipped:
+                self._log_skip(name, reason)
+
+    def _log_skip(self, name: str, reason: str) -> None:
+        # Every rank may look; one line per checkpoint is enough.
+        level = logging.WARNING if self.rank == 0 else logging.DEBUG
+        log.log(level, "skipping checkpoint %s/%s: %s", self.uri, name, reason)
+
+    def latest(self) -> Optional[str]:
+        """The newest checkpoint whose manifest verifies (sizes; checksums are checked by load)."""
+        return next(self._scan(log_skipped=True), None)
+
+    def checkpoints(self) -> list[str]:
+        """Complete checkpoints, newest first."""
+        return list(self._scan(log_skipped=False))
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, engine, step: int, client_state: dict[str, Any]) -> str:
+        """Collective: write, upload and commit checkpoint step-STEP; rotate old ones."""
+        started = time.monotonic()
+        name = checkpoint_name(step)
+        stage = self.local_dir / name
+        node = self._node_ranks()
+        # Validate client_state before any work: it goes into the JSON manifest.
+        Manifest(name, step, self.world_size, 0, [], dict(client_state)).to_json()
+
+        error = None
+        if self.rank == node[0]:
+            shutil.rmtree(stage, ignore_errors=True)
+        if self.rank == 0:
+            error = self._guard(self._delete_checkpoint, name)  # leftovers of a killed earlier save
+        self._raise_if_any(self._gather(error), f"checkpoint {name} could not be started")
+
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        engine.save_checkpoint(str(self.local_dir), tag=name, save_latest=False)
+        save_rng_state(stage / "rng" / f"rank-{self.rank:05d}.pt")
+        self._barrier()
+
+        # Who uploads what: each file once, by a rank of the first node that has it.
+        listings = self._gather(_local_files(stage) if self.rank == node[0] else None)
+        owners: dict[str, int] = {}
+        for rank, listing in enumerate(listings):
+            for path in listing or {}:
+                owners.setdefault(path, rank)
+        node_files = {p: s for p, s in (listings[node[0]] or {}).items() if owners[p] == node[0]}
+        mine = assign_files(node_files, node)[self.rank]
+
+        entries, error = [], None
+        try:
+            with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+                entries = list(pool.map(lambda p: self._upload(stage, name, p), mine))
+        except Exception as err:  # noqa: BLE001 - every rank must learn of it, see below
+            error = f"rank {self.rank}: {err}"
+        results = self._gather((entries, error))
+        self._raise_if_any([e for _, e in results], f"checkpoint {name} was not committed")
+
+        error = None
+        if self.rank == 0:
+            manifest = Manifest(
+                name=name,
+                step=step,
+                world_size=self.world_size,
+                zero_stage=int(engine.zero_optimization_stage()),
+                files=[entry for got, _ in results for entry in got],
+                client_state=dict(client_state),
+                tag=name,
+                created=utc_now(),
+            )
+            error = self._guard(self._retry, f"committing {name}/{MANIFEST}", self.store.put_bytes, f"{name}/{MANIFEST}", manifest.to_json())
+            if error is None:
+                log.info("committed checkpoint %s/%s (%d files, %.1f MB) in %.1f s", self.uri, name, len(manifest.files), manifest.total_bytes / 1e6, time.monotonic() - started)
+                self._rotate()
+        self._raise_if_any([self._from_rank0(error)], f"checkpoint {name} was not committed")
+        if self.rank == node[0]:
+            self._drop_local_except(name)
+        return name
+
+    def _upload(self, stage: Path, name: str, path: str) -> FileEntry:
+        local = stage / path
+        entry = FileEntry(path, local.stat().st_size, sha256_file(local))
+        self._retry(f"uploading {name}/{path}", self.store.put_file, local, f"{name}/{path}")
+        return entry
+
+    @staticmethod
+    def _guard(fn, *args) -> Optional[str]:
+        try:
+            fn(*args)
+            return None
+        except StorageError as err:
+            return str(err)
+
+    @staticmethod
+    def _raise_if_any(errors: list[Optional[str]], what: str) -> None:
+        errors = [e for e in errors if e]
+        if errors:
+            raise StorageError(f"{what}: {'; '.join(errors)}")
+
+    def _delete_checkpoint(self, name: str, files: Optional[dict[str, int]] = None) -> None:
+        files = self._listing().get(name, {}) if files is None else files
+        if not files:
+            return
+        # The manifest goes first: a checkpoint is never "complete" with files missing.
+        if MANIFEST in files:
+            self._retry(f"deleting {name}/{MANIFEST}", self.store.delete, [f"{name}/{MANIFEST}"])
+        rest = [f"{name}/{p}" for p in files if p != MANIFEST]
+        self._retry(f"deleting {name}", self.store.delete, rest)
+
+    def _rotate(self) -> None:
+        """Keep the newest `keep` complete checkpoints; a failure here only costs space."""
+        try:
+            listing = self._listing()
+            doomed = plan_rotation({name: MANIFEST in files for name, files in listing.items()}, self.keep)
+            for name in doomed:
+                log.info("deleting checkpoint %s/%s (%s)", self.uri, name, "rotation" if MANIFEST in listing[name] else "incomplete leftover")
+                self._delete_checkpoint(name, listing[name])
+        except StorageError as err:
+            log.warning("checkpoint rotation in %s failed, old checkpoints stay until the next save: %s", self.uri, err)
+
+    def _drop_local_except(self, name: str) -> None:
+        for child in self.local_dir.iterdir() if self.local_dir.is_dir() else []:
+            if child.is_dir() and child.name != name and checkpoint_step(child.name) is not None:
+                shutil.rmtree(child, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, engine, name: str) -> dict[str, Any]:
+        """Collective: restore engine state and RNG from `name` and return its client_state.
+
+        Every node downloads the checkpoint to its local disk and checks each file's SHA-256.
+        If a file fails its checksum, the checkpoint is skipped (logged with the reason) and
+        the next older complete one is loaded instead; `self.loaded` names the one restored.
+        """
+        older = lambda n: (checkpoint_step(n) or 0) < (checkpoint_step(name) or 0)  # noqa: E731
+        candidates = self._from_rank0([name] + [n for n in self.checkpoints() if older(n)] if self.rank == 0 else None)
+        for candidate in candidates:
+            manifest = self._read_manifest(candidate)
+            self._check_world_size(manifest)
+            results = self._gather(self._download(manifest))
+            self._raise_if_any([storage for _, storage in results], f"checkpoint {candidate} could not be downloaded")
+            corrupt = [reason for reason, _ in results if reason]
+            if corrupt:
+                self._bad[candidate] = f"checksum mismatch: {corrupt[0]}"
+                self._log_skip(candidate, self._bad[candidate])
+                continue
+            self._barrier()
+            path, _ = engine.load_checkpoint(
+                str(self.local_dir), tag=manifest.tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            if path is None:
+                raise CheckpointError(f"DeepSpeed could not load checkpoint {self.uri}/{candidate} from {self.local_dir}")
+            rng = self.local_dir / candidate / "rng" / f"rank-{self.rank:05d}.pt"
+            if manifest.world_size == self.world_size:
+                load_rng_state(rng)
+            else:
+                log.warning("checkpoint %s was written by %d ranks, this run has %d: random number streams restart", candidate, manifest.world_size, self.world_size)
+            self.loaded = candidate
+            log.info("resumed from checkpoint %s/%s (step %d)", self.uri, candidate, manifest.step)
+            return dict(manifest.client_state)
+        raise NoUsableCheckpoint(f"no checkpoint in {self.uri} passed its checksums (tried {', '.join(candidates)})")
+
+    def resume(self, engine) -> Optional[dict[str, Any]]:
+        """Collective: load the newest usable checkpoint; None when there is none."""
+        name = self._from_rank0(self.latest() if self.rank == 0 else None)
+        if name is None:
+            return None
+        try:
+            return self.load(engine, name)
+        except NoUsableCheckpoint as err:
+            log.warning("%s; starting from the beginning", err)
+            return None
+
+    def _check_world_size(self, manifest: Manifest) -> None:
+        if manifest.world_size != self.world_size and manifest.per_rank_shards:
+            raise WorldSizeMismatch(
+                f"checkpoint {self.uri}/{manifest.name} was written by {manifest.world_size} ranks with ZeRO stage "
+                f"{manifest.zero_stage} (optimizer state partitioned per rank), but this run has {self.world_size} ranks. "
+                f"Run with {manifest.world_size} ranks (spec.distributed.nodes x gpusPerNode) to resume, or point "
+                "spec.checkpoint.uri at an empty location to start over."
+            )
+
+    def _download(self, manifest: Manifest) -> tuple[Optional[str], Optional[str]]:
+        """Fetch this rank's share of the node's files. Returns (checksum problem, storage error)."""
+        stage = self.local_dir / manifest.name
+        sizes = {f.path: f.size for f in manifest.files}
+        expected = {f.path: f.sha256 for f in manifest.files}
+        mine = assign_files(sizes, self._node_ranks())[self.rank]
+
+        def fetch_one(path: str) -> Optional[str]:
+            local = stage / path
+            if local.is_file() and local.stat().st_size == sizes[path] and sha256_file(local) == expected[path]:
+                return None  # already here (written by this node, or downloaded before)
+            tmp = local.with_name(local.name + ".part")
+            try:
+                self._retry(f"downloading {manifest.name}/{path}", self.store.get_file, f"{manifest.name}/{path}", tmp)
+            except FileNotFoundError:
+                return f"{path} disappeared from storage"
+            got = sha256_file(tmp)
+            if got != expected[path]:
+                tmp.unlink(missing_ok=True)
+                return f"{path} has SHA-256 {got[:12]}..., manifest.json says {expected[path][:12]}..."
+            os.replace(tmp, local)
+            return None
+
+        try:
+            with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+                problems = [p for p in pool.map(fetch_one, mine) if p]
+        except StorageError as err:
+            return None, f"rank {self.rank}: {err}"
+        return (problems[0] if problems else None), None

@@ -1,0 +1,138 @@
+"""The checkpoint manifest: the commit marker of a checkpoint (pure, no I/O).
+
+S3 has no atomic rename, so a checkpoint folder is complete only once `manifest.json` exists
+in it: the manifest is written after every other file was uploaded and lists each of them
+with its size and SHA-256, plus what is needed to judge whether a run can resume from it.
+
+    CHECKPOINTS/step-000000100/mp_rank_00_model_states.pt                (DeepSpeed files,
+    CHECKPOINTS/step-000000100/zero_pp_rank_0_mp_rank_00_optim_states.pt  DeepSpeed tag = name)
+    CHECKPOINTS/step-000000100/rng/rank-00000.pt                          (per-rank RNG)
+    CHECKPOINTS/step-000000100/manifest.json                              (written last)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+NAME_RE = re.compile(r"^step-(\d{9})$")
+# Files DeepSpeed writes once per data-parallel rank: a checkpoint holding them can only be
+# loaded by the same number of ranks (ZeRO partitions the optimizer state by rank).
+PER_RANK_SHARD_RE = re.compile(r"(^|/)(bf16_)?zero_pp_rank_\d+_")
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def checkpoint_name(step: int) -> str:
+    if step < 0:
+        raise ValueError(f"checkpoint step must be >= 0, got {step}")
+    return f"step-{step:09d}"
+
+
+def checkpoint_step(name: str) -> Optional[int]:
+    """The step of a checkpoint name, or None when the name is not a checkpoint's."""
+    match = NAME_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative to the checkpoint folder
+    size: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    name: str
+    step: int
+    world_size: int
+    zero_stage: int
+    files: list[FileEntry]
+    client_state: dict[str, Any] = field(default_factory=dict)
+    tag: str = ""  # the DeepSpeed tag (sub-folder) the engine files are under
+    created: str = ""
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["files"] = [asdict(f) for f in sorted(self.files, key=lambda f: f.path)]
+        try:
+            return json.dumps(data, indent=1, sort_keys=True, allow_nan=False).encode()
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"checkpoint client_state must be plain JSON data (numbers, strings, lists, dicts): {err}") from None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def per_rank_shards(self) -> bool:
+        return any(PER_RANK_SHARD_RE.search(f.path) for f in self.files)
+
+
+def parse_manifest(raw: bytes | str, name: str) -> Manifest:
+    """Parse and check a manifest; raises ManifestError saying what is wrong."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ManifestError(f"manifest.json is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ManifestError("manifest.json is not a JSON object")
+    if data.get("format") != FORMAT_VERSION:
+        raise ManifestError(f"manifest.json has format {data.get('format')!r}, this trainer reads format {FORMAT_VERSION}")
+    try:
+        files = [FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in data["files"]]
+        manifest = Manifest(
+            name=str(data["name"]),
+            step=int(data["step"]),
+            world_size=int(data["world_size"]),
+            zero_stage=int(data["zero_stage"]),
+            files=files,
+            client_state=dict(data.get("client_state") or {}),
+            tag=str(data.get("tag") or ""),
+            created=str(data.get("created") or ""),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ManifestError(f"manifest.json is missing or has a malformed field: {err}") from None
+    if manifest.name != name:
+        raise ManifestError(f"manifest.json names checkpoint {manifest.name!r} but lies in {name!r}")
+    if not files:
+        raise ManifestError("manifest.json lists no files")
+    return manifest
+
+
+def missing_or_wrong(manifest: Manifest, listing: dict[str, int]) -> Optional[str]:
+    """Why the stored files (relative path -> size) do not match the manifest, or None."""
+    for entry in manifest.files:
+        size = listing.get(entry.path)
+        if size is None:
+            return f"{entry.path} is listed in manifest.json but missing from storage"
+        if size != entry.size:
+            return f"{entry.path} has {size} bytes in storage, manifest.json says {entry.size}"
+    return None
+
+
+def plan_rotation(states: dict[str, bool], keep: int) -> list[str]:
+    """Checkpoints to delete. `states` maps checkpoint name -> complete (has a manifest).
+
+    Keeps the newest `keep` complete ones; deletes older complete ones and incomplete
+    leftovers older than the newest complete one (an incomplete one newer than that may be
+    an upload in progress elsewhere, or is replaced when its step is saved again).
+    """
+    if keep < 1:
+        raise ValueError("keep must be >= 1")
+    steps = {name: checkpoint_step(name) for name in states}
+    complete = sorted((n for n, ok in states.items() if ok and steps[n] is not None), key=lambda n: steps[n], reverse=True)
+    if not complete:
+        return []
+    newest = steps[complete[0]]
+    doomed = complete[keep:]
+    doomed += [n for n, ok in states.items() if not ok and steps[n] is not None and steps[n] < newest]
+    return sorted(doomed)

@@ -1,0 +1,152 @@
+"""Base models from s3://, file://, plain paths and pvc://, including GGUF files.
+
+`materialize_model` turns `spec.model` into a local Hugging Face folder the trainer, the
+merge step and the server can load with `from_pretrained`:
+
+- local folders (file://, plain paths, pvc:// mounts) are returned as they are;
+- s3:// folders are downloaded once into the cache (keyed by the URI) and reused;
+- GGUF weights (`spec.model.ggufFile`, or a location that is itself a .gguf file) are
+  dequantized once into a safetensors folder in the cache (with the tokenizer, its chat
+  template and the generation config), because training needs real tensors.
+
+Every rank of a node may call it at the same time: a file lock per cache entry makes one
+of them download/convert while the others wait, and a marker file written last tells a
+complete cache entry from one a killed process left half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .spec import ModelSpec
+from .storage import fetch, pvc_mount_path
+from .uri import UriError, parse_uri
+
+log = logging.getLogger("kubetune.model_source")
+
+COMPLETE_MARKER = ".kubetune-complete"
+
+
+def default_cache_dir() -> Path:
+    """Where downloaded and converted models are kept (KUBETUNE_CACHE_DIR, else ~/.cache/kubetune)."""
+    return Path(os.environ.get("KUBETUNE_CACHE_DIR") or Path.home() / ".cache" / "kubetune")
+
+
+def cache_key(*parts: str) -> str:
+    """A short stable folder name for a source (URI, file name, size, mtime...)."""
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:24]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def materialize_model(model_spec: ModelSpec, cache_dir: str | Path, base_dir: Optional[str | Path] = None, endpoint: Optional[str] = None) -> Path:
+    """A local HF-format folder holding the base model of `model_spec` (see module doc)."""
+    cache_dir = Path(cache_dir)
+    uri = parse_uri(model_spec.uri, base_dir)
+    if uri.scheme == "hf":
+        raise UriError(
+            f"spec.model.uri {model_spec.uri!r}: KubeTune does not download from model hubs; "
+            "copy the model to s3://, a volume (pvc://) or a local folder and point spec.model.uri there"
+        )
+    if uri.scheme in ("file", "pvc"):
+        path = Path(uri.path) if uri.scheme == "file" else Path(pvc_mount_path(uri.bucket)) / uri.path
+        if not path.exists():
+            where = f" (the volume is mounted at {path})" if uri.scheme == "pvc" else ""
+            raise FileNotFoundError(f"spec.model.uri: {model_spec.uri} does not exist{where}")
+    else:
+        path = _download(str(uri), cache_dir, endpoint)
+
+    gguf_file = model_spec.gguf_file
+    if path.is_file():
+        if not path.name.endswith(".gguf"):
+            raise ValueError(f"spec.model.uri {model_spec.uri} is a file but not a .gguf file; point it at a model folder")
+        if gguf_file and gguf_file != path.name:
+            raise ValueError(f"spec.model.ggufFile {gguf_file!r} does not match the GGUF file in spec.model.uri ({path.name})")
+        path, gguf_file = path.parent, path.name
+    if gguf_file:
+        return convert_gguf(path, gguf_file, cache_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"spec.model.uri {model_spec.uri}: no config.json in {path}; expected a Hugging Face model folder "
+            "(config.json, tokenizer files, *.safetensors) or set spec.model.ggufFile"
+        )
+    return path
+
+
+def _download(uri: str, cache_dir: Path, endpoint: Optional[str]) -> Path:
+    """Download an s3:// object or folder once; a complete cache entry is reused."""
+    entry = cache_dir / "models" / cache_key(uri)
+    with _locked(entry.with_suffix(".lock")):
+        marker = entry / COMPLETE_MARKER
+        if marker.is_file():
+            return entry / marker.read_text().strip()
+        if entry.exists():
+            log.warning("removing the incomplete download %s of %s", entry, uri)
+            shutil.rmtree(entry)
+        log.info("downloading %s into %s", uri, entry)
+        got = fetch(uri, entry, endpoint=endpoint)
+        marker.write_text(got.relative_to(entry).as_posix())
+        return got
+
+
+def _weights_stamp(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def convert_gguf(folder: Path, gguf_file: str, cache_dir: Path) -> Path:
+    """Dequantize folder/gguf_file once into a safetensors model folder under cache_dir/gguf."""
+    source = folder / gguf_file
+    if not source.is_file():
+        raise FileNotFoundError(f"spec.model.ggufFile: {gguf_file} not found in {folder}")
+    entry = cache_dir / "gguf" / cache_key(str(source.resolve()), _weights_stamp(source))
+    with _locked(entry.with_suffix(".lock")):
+        if (entry / COMPLETE_MARKER).is_file():
+            return entry
+        if entry.exists():
+            shutil.rmtree(entry)
+        log.info("dequantizing %s into %s (once; later runs reuse it)", source, entry)
+        tmp = entry.with_name(entry.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _dequantize(folder, gguf_file, tmp)
+        # Keep the other files that travel with the model (README, license, templates).
+        for extra in folder.iterdir():
+            if extra.is_file() and not extra.name.endswith(".gguf") and not (tmp / extra.name).exists():
+                shutil.copy2(extra, tmp / extra.name)
+        (tmp / COMPLETE_MARKER).write_text(".")
+        tmp.rename(entry)
+        return entry
+
+
+def _dequantize(folder: Path, gguf_file: str, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    # save_pretrained refuses GGUF-quantized models; the tensors are already dequantized, so
+    # rebuild a plain model of the same class from the config and copy them over strictly.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    plain.generation_config = loaded.generation_config
+    del loaded
+    plain.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(out)
