@@ -1,0 +1,1 @@
+"""Model side of training: load the base model and tokenizer, apply the fine-tuning method."""
