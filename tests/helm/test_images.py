@@ -1,0 +1,123 @@
+"""The container images (no Docker engine here): the Dockerfiles are checked as text, and
+everything they run is run: the operator module imports without torch, kopf and the
+console scripts of the trainer image start and print their usage."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import helm_python as helm
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
+    logical, current = [], ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        logical.append(current + stripped)
+        current = ""
+    return [(text.split(None, 1)[0].upper(), text.split(None, 1)[1]) for text in logical]
+
+
+def final_stage(steps):
+    start = max(i for i, (op, _) in enumerate(steps) if op == "FROM")
+    return steps[start:]
+
+
+def last(steps, op):
+    return [args for o, args in steps if o == op][-1]
+
+
+def exec_form(args: str) -> list[str]:
+    return json.loads(args)
+
+
+def run(*command: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(list(command), capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "trainer_image/Dockerfile"])
+def test_images_copy_only_existing_sources_and_run_as_non_root(dockerfile):
+    steps = instructions(REPO / dockerfile)
+    for op, args in steps:
+        if op == "COPY" and "--from=" not in args:
+            *sources, _ = args.split()
+            for source in sources:
+                assert (REPO / source).exists(), f"{dockerfile}: COPY {source} does not exist (build context: repository root)"
+    user = last(final_stage(steps), "USER").split(":")[0]
+    assert user.isdigit() and int(user) != 0, f"{dockerfile}: USER {user} must be a numeric non-root uid"
+
+
+def operator_module_of_chart() -> str:
+    with helm.Chart.load(REPO / "charts" / "kubetune") as chart:
+        manifest = chart.render({}, name="kt", namespace="kt")["kubetune/templates/deployment.yaml"]
+    args = yaml.safe_load(manifest)["spec"]["template"]["spec"]["containers"][0]["args"]
+    return args[args.index("-m") + 1]
+
+
+def test_operator_image_runs_kopf_with_liveness_on_the_charts_module():
+    steps = final_stage(instructions(REPO / "Dockerfile"))
+    assert exec_form(last(steps, "ENTRYPOINT")) == ["kopf"]
+    command = exec_form(last(steps, "CMD"))
+    assert command[:2] == ["run", "--standalone"] and "--liveness=http://0.0.0.0:8080/healthz" in command
+    assert command[command.index("-m") + 1] == operator_module_of_chart()
+    installs = " ".join(args for op, args in instructions(REPO / "Dockerfile") if op == "RUN" and "pip" in args)
+    assert "[operator]" in installs and "train" not in installs and "torch" not in installs
+    result = run(str(BIN / "kopf"), "run", "--help", timeout=60)
+    assert result.returncode == 0 and "--liveness" in result.stdout and "--namespace" in result.stdout
+
+
+def test_operator_module_imports_without_torch():
+    module = operator_module_of_chart()
+    code = (f"import sys, {module}; heavy = sorted(m for m in ('torch', 'transformers', 'deepspeed', 'peft') if m in sys.modules); "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    result = run(sys.executable, "-c", code, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_trainer_image_is_a_cuda_pytorch_image_with_our_package():
+    steps = instructions(REPO / "trainer_image" / "Dockerfile")
+    base = [args for op, args in steps if op == "ARG" and args.startswith("BASE_IMAGE=")][0].split("=", 1)[1]
+    assert base.startswith("pytorch/pytorch:") and "cuda" in base and base.endswith("-devel")
+    installs = " ".join(args for op, args in steps if op == "RUN" and "pip install" in args)
+    assert '".[train,serve]"' in installs
+    env = " ".join(args for op, args in steps if op == "ENV")
+    assert "TORCH_EXTENSIONS_DIR=/var/cache/kubetune/torch_extensions" in env
+    made_writable = " ".join(args for op, args in steps if op == "RUN" and "chmod" in args)
+    assert "/var/cache/kubetune/torch_extensions" in made_writable
+
+
+def test_trainer_image_user_is_the_uid_the_operator_runs_pods_as():
+    from kubetune_operator import builders
+
+    user = last(final_stage(instructions(REPO / "trainer_image" / "Dockerfile")), "USER").split(":")[0]
+    assert int(user) == builders.RUN_AS
+
+
+@pytest.mark.parametrize("command,usage", [
+    (["kubetune-train", "--help"], "--job"),
+    (["kubetune-serve", "--help"], "--model"),
+    ([sys.executable, "-m", "kubetune.train.main", "--help"], "--job"),  # what torchrun runs in worker pods
+])
+def test_trainer_image_entrypoints_start(command, usage):
+    if not command[0].startswith("/"):
+        command = [str(BIN / command[0]), *command[1:]]
+    result = run(*command)
+    assert result.returncode == 0, f"{shlex.join(command)}: {result.stdout}{result.stderr}"
+    assert usage in result.stdout
