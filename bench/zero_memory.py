@@ -1,0 +1,137 @@
+"""ZeRO memory: peak memory per rank of KubeTune's trainer with DDP (ZeRO stage 0), ZeRO-2,
+ZeRO-3 and ZeRO-3 with offload, 2 ranks under torchrun on CPU, beside the memory planner's
+estimate for the same job.
+
+The model (~85M parameters, full fine-tuning, fp32 Adam: 16 bytes per parameter of model
+states under DDP) is large enough that model states, not the framework, dominate a rank.
+Measured per rank: the exact peak RSS over the process's life (getrusage in the rank, which
+includes loading the model and the final export) and the sampled peak RSS during training
+(`start` event to the last `step` event). On CPU a rank's "device" and host memory are the
+same RSS, so the planner's per-rank figure is its per-GPU estimate without the CUDA context,
+plus one host process and that rank's offloaded states.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.common import (
+    MEMORY_SHAPE,
+    QUICK_SHAPE,
+    build_bench_model,
+    chat_records,
+    equal_work,
+    job_document,
+    model_config,
+    ratio,
+    run_trainer,
+    same,
+    write_job,
+    write_jsonl,
+)
+from bench.trainer_throughput import trainer_tokens
+
+RANKS = 2
+CONFIGS = {
+    "ddp": {"stage": 0, "offload": "none"},
+    "zero2": {"stage": 2, "offload": "none"},
+    "zero3": {"stage": 3, "offload": "none"},
+    "zero3_offload": {"stage": 3, "offload": "all"},
+}
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return {"shape": QUICK_SHAPE, "samples": 8, "max_length": 32, "steps": 2}
+    return {"shape": MEMORY_SHAPE, "samples": 16, "max_length": 64, "steps": 3}
+
+
+def training_block(cfg: dict) -> dict:
+    return {
+        "maxSteps": cfg["steps"],
+        "microBatchSize": 1,
+        "gradientAccumulationSteps": 1,
+        "maxLength": cfg["max_length"],
+        "precision": "fp32",
+        "learningRate": 1.0e-5,
+        "seed": 1234,
+        "logEverySteps": 1,
+    }
+
+
+def planner_per_rank(job_doc: dict, config: dict) -> dict:
+    """The planner's estimate, and what it means for one CPU rank (see the module docstring)."""
+    from kubetune import planner
+    from kubetune.spec import parse_job
+
+    est = planner.estimate(parse_job(job_doc), config)
+    procs = job_doc["spec"]["distributed"]["gpusPerNode"]
+    offloaded = (est.host_breakdown["offloaded_weights"] + est.host_breakdown["offloaded_optimizer"]) // procs
+    device = est.per_gpu_bytes - planner.RUNTIME_CONTEXT_BYTES
+    return {
+        "per_gpu_bytes": est.per_gpu_bytes,
+        "host_bytes_per_node": est.host_bytes,
+        "breakdown": est.breakdown,
+        "cpu_rank_bytes": device + planner.HOST_PROCESS_BYTES + offloaded,
+    }
+
+
+def measure(name: str, zero: dict, model_dir: Path, data: Path, cfg: dict, workdir: Path) -> dict:
+    doc = job_document(
+        f"zero-{name.replace('_', '-')}",
+        model_dir,
+        data,
+        training=training_block(cfg),
+        distributed={"nodes": 1, "gpusPerNode": RANKS, "zero": zero},
+        checkpoint={"everySteps": 100000, "keep": 1},
+    )
+    job = write_job(workdir / name / "job.yaml", doc)
+    result = run_trainer(job, nproc=RANKS, threads=1).check()
+    start_t, start = result.first("start")
+    end_t, last = result.last("step")
+    _, done = result.last("done")
+    peaks = {rank: p["max_rss_bytes"] for rank, p in sorted(result.rank_peaks.items())}
+    training = result.peak_rss_between(start_t, end_t)
+    return {
+        "zero": zero,
+        "steps": last["step"],
+        "total_params": start.get("total_params"),
+        "tokens": trainer_tokens(done.get("summary") or {}),
+        "peak_rss_bytes_per_rank": peaks,
+        "peak_rss_bytes": max(peaks.values()) if peaks else None,
+        "training_peak_rss_bytes_per_rank": dict(sorted(training.items())),
+        "training_peak_rss_bytes": max(training.values()) if training else None,
+        "planner": planner_per_rank(doc, model_config(model_dir)),
+        "seconds": result.wall_seconds,
+    }
+
+
+def run(workdir: Path, quick: bool = False) -> dict:
+    from transformers import AutoTokenizer
+
+    cfg = settings(quick)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = build_bench_model(workdir / "model", cfg["shape"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = write_jsonl(workdir / "chat.jsonl", chat_records(cfg["samples"], 16, cfg["max_length"], seed=3, tokenizer=tokenizer))
+    runs = {name: measure(name, zero, model_dir, data, cfg, workdir) for name, zero in CONFIGS.items()}
+
+    ddp = runs["ddp"]
+    checks = {}
+    for name, r in runs.items():
+        if name != "ddp":
+            checks[f"{name}_steps"] = same(r["steps"], ddp["steps"])
+            checks[f"{name}_tokens"] = same(r["tokens"], ddp["tokens"])
+            checks[f"{name}_params"] = same(r["total_params"], ddp["total_params"])
+    work = equal_work(**checks)
+    zero3, base = runs["zero3"], ddp
+    return {
+        "ranks": RANKS,
+        "model": {"shape": cfg["shape"], "params": ddp["total_params"]},
+        "runs": runs,
+        "equal_work": work,
+        # ZeRO-3 against plain data parallel, per rank: >1 means ZeRO-3 needs less.
+        "ratio": ratio(zero3["peak_rss_bytes"], base["peak_rss_bytes"], work, higher_is_better=False),
+        "zero3_over_ddp": zero3["peak_rss_bytes"] / base["peak_rss_bytes"],
+        "training_ratio": ratio(zero3["training_peak_rss_bytes"], base["training_peak_rss_bytes"], work, higher_is_better=False),
+    }
