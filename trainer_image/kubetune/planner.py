@@ -359,9 +359,10 @@ def estimate(spec, model_config: dict[str, Any], gpu_memory_bytes: Optional[int]
     per_gpu = sum(breakdown.values())
 
     # Host memory per node: every process loads the base weights before DeepSpeed takes
-    # them (freed before offload buffers fill), offloaded states, and the processes themselves.
+    # them (ZeRO-3 loads partitioned, about one copy per node), freed before offload buffers
+    # fill; offloaded states; and the processes themselves.
     procs = dist.gpus_per_node
-    loading = procs * total * base_bytes_per_param
+    loading = (1 if stage >= 3 else procs) * total * base_bytes_per_param
     offloaded = procs * (host_offloaded["weights"] + host_offloaded["optimizer"])
     host_breakdown = {
         "loading_or_offload": int(max(loading, offloaded)),
