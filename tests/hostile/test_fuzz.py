@@ -120,11 +120,6 @@ def test_parse_uri(value):
     assert parse_uri(str(uri)) == uri
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG kubetune/uri.py parse_uri: Path.expanduser() raises RuntimeError for '~unknownuser/x', "
-    "which check_job does not catch either (a CR with such a uri would crash the operator's handler)",
-)
 @pytest.mark.parametrize("value", ["~0", "file://~nosuchuser/x.jsonl"])
 def test_home_of_unknown_user_is_a_uri_error(value):
     with pytest.raises(UriError):

@@ -432,8 +432,35 @@ class SpecError(ValueError):
         super().__init__("\n".join(lines))
 
 
-def _line_index(text: str) -> dict[tuple, int]:
-    """Map each key path in a YAML document to its 1-based line number."""
+MAX_YAML_NODES = 100_000
+
+
+def _compose_yaml(text: str) -> tuple[Optional[yaml.Node], yaml.SafeLoader]:
+    """Compose a YAML document, refusing alias bombs before anything expands them."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+    finally:
+        loader.dispose()
+    sizes: dict[int, int] = {}
+
+    def expanded(node: yaml.Node) -> int:
+        # Aliases reuse node objects, so memoizing by identity counts the expansion cheaply.
+        if id(node) not in sizes:
+            sizes[id(node)] = 0  # guards against recursive aliases
+            children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else (
+                node.value if isinstance(node, yaml.SequenceNode) else []
+            )
+            sizes[id(node)] = 1 + sum(expanded(child) for child in children)
+        return sizes[id(node)]
+
+    if root is not None and expanded(root) > MAX_YAML_NODES:
+        raise yaml.YAMLError(f"YAML aliases expand the document to over {MAX_YAML_NODES} nodes; refusing it")
+    return root, loader
+
+
+def _line_index(root: Optional[yaml.Node]) -> dict[tuple, int]:
+    """Map each key path in a composed YAML document to its 1-based line number."""
     index: dict[tuple, int] = {}
 
     def walk(node: yaml.Node, path: tuple) -> None:
@@ -447,49 +474,79 @@ def _line_index(text: str) -> dict[tuple, int]:
             for i, item in enumerate(node.value):
                 walk(item, path + (i,))
 
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return index
     if root is not None:
         walk(root, ())
     return index
 
 
-def _field_path(loc: tuple) -> tuple:
-    # pydantic adds union-branch and validator names to loc; keep only real keys.
-    return tuple(p for p in loc if isinstance(p, int) or not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+def _field_path(loc: tuple, document: Any) -> tuple:
+    """The keys of an error location that exist in the document.
+
+    pydantic adds union-branch tags ('int', 'str') and validator names to `loc`; walking
+    the document tells real keys from those tags.
+    """
+    path: list = []
+    node = document
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif isinstance(node, (dict, list)) and isinstance(part, str) and not _looks_like_tag(part):
+            node = None  # a missing key: keep it (required/unknown field errors)
+        else:
+            continue
+        path.append(part)
+    return tuple(path)
 
 
-def problems_from_validation_error(err: ValidationError, lines: Optional[dict[tuple, int]] = None) -> list[tuple[str, Optional[int], str]]:
+def _looks_like_tag(part: str) -> bool:
+    return part in ("int", "str", "float", "bool", "list", "dict", "none") or "[" in part or part.startswith("function-")
+
+
+def problems_from_validation_error(
+    err: ValidationError, lines: Optional[dict[tuple, int]] = None, document: Any = None
+) -> list[tuple[str, Optional[int], str]]:
     lines = lines or {}
-    problems = []
+    # One problem per field: a union (e.g. int-or-string quantity) fails once per branch.
+    merged: dict[str, dict[str, Any]] = {}
     for e in err.errors():
-        path = _field_path(e["loc"])
-        line = None
-        for cut in range(len(path), -1, -1):
-            if path[:cut] in lines:
-                line = lines[path[:cut]]
-                break
+        path = _field_path(e["loc"], document) if document is not None else tuple(e["loc"])
+        key = ".".join(str(p) for p in path)
+        entry = merged.setdefault(key, {"line": _nearest_line(path, lines), "messages": [], "got": None})
         message = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             message = "unknown field (check the spelling; see `kubectl explain ftj.spec`)"
         elif e["type"] == "missing":
             message = "required field is missing"
-        elif "input" in e and e["type"] not in ("model_type",) and not isinstance(e["input"], (dict, list)):
-            message = f"{message} (got {e['input']!r})"
-        problems.append((".".join(str(p) for p in path), line, message))
+        elif "input" in e and not isinstance(e["input"], (dict, list)):
+            entry["got"] = e["input"]
+        if message not in entry["messages"]:
+            entry["messages"].append(message)
+    problems = []
+    for key, entry in merged.items():
+        message = "; or ".join(entry["messages"])
+        if entry["got"] is not None:
+            message += f" (got {entry['got']!r})"
+        problems.append((key, entry["line"], message))
     return problems
 
 
-def parse_job(document: dict[str, Any], source: str = "<job>", text: Optional[str] = None) -> FineTuneJob:
+def _nearest_line(path: tuple, lines: dict[tuple, int]) -> Optional[int]:
+    for cut in range(len(path), -1, -1):
+        if path[:cut] in lines:
+            return lines[path[:cut]]
+    return None
+
+
+def parse_job(document: dict[str, Any], source: str = "<job>", lines: Optional[dict[tuple, int]] = None) -> FineTuneJob:
     """Validate a job document (a dict from YAML or from the API server)."""
     if not isinstance(document, dict):
         raise SpecError(source, [("", 1, f"expected a FineTuneJob mapping, got {type(document).__name__}")])
     try:
         return FineTuneJob.model_validate(document)
     except ValidationError as err:
-        raise SpecError(source, problems_from_validation_error(err, _line_index(text) if text else None)) from None
+        raise SpecError(source, problems_from_validation_error(err, lines, document)) from None
 
 
 def load_job(path: str | Path) -> FineTuneJob:
@@ -502,12 +559,13 @@ def load_job(path: str | Path) -> FineTuneJob:
     except UnicodeDecodeError as err:
         raise SpecError(str(path), [("", None, f"not UTF-8 text ({err.reason} at byte {err.start})")]) from None
     try:
-        document = yaml.safe_load(text)
+        root, loader = _compose_yaml(text)
+        document = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark else None
-        raise SpecError(str(path), [("", line, f"invalid YAML: {getattr(err, 'problem', err)}")]) from None
-    return parse_job(document, str(path), text)
+        raise SpecError(str(path), [("", line, f"invalid YAML: {getattr(err, 'problem', None) or err}")]) from None
+    return parse_job(document, str(path), _line_index(root))
 
 
 def dump_job(job: FineTuneJob) -> dict[str, Any]:

@@ -7,11 +7,20 @@ exists (S3 keys, PVC paths) so a job cannot reach another tenant's data.
 from __future__ import annotations
 
 import posixpath
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 SCHEMES = ("s3", "file", "pvc", "hf")
+
+# What the bucket/claim/organisation part may be, per scheme (S3 bucket rules, Kubernetes
+# object names, hub organisation names); anything else, '..' included, is refused.
+_ROOT_NAMES = {
+    "s3": (re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$"), "bucket", "an S3 bucket name (a-z, 0-9, '.', '-')"),
+    "pvc": (re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"), "claim", "a PersistentVolumeClaim name"),
+    "hf": (re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"), "organisation", "an organisation name"),
+}
 
 
 class UriError(ValueError):
@@ -62,13 +71,19 @@ def parse_uri(value: str, base_dir: Optional[str | Path] = None) -> Uri:
     if "\x00" in rest:
         raise UriError(f"NUL byte in location {value!r}")
     if scheme == "file":
-        path = Path(rest).expanduser()
+        try:
+            path = Path(rest).expanduser()
+        except RuntimeError:
+            raise UriError(f"{value!r} names the home folder of an unknown user") from None
         if not path.is_absolute():
             path = Path(base_dir or ".").resolve() / path
         return Uri("file", "", str(path.resolve()))
     bucket, _, key = rest.partition("/")
+    pattern, noun, expected = _ROOT_NAMES[scheme]
     if not bucket:
-        raise UriError(f"{value!r} has no {'bucket' if scheme == 's3' else 'claim' if scheme == 'pvc' else 'organisation'} name")
+        raise UriError(f"{value!r} has no {noun} name")
+    if ".." in bucket or not pattern.match(bucket):
+        raise UriError(f"{value!r}: {bucket!r} is not {expected}")
     key = key.strip("/")
     if ".." in key.split("/"):
         raise UriError(f"{value!r} contains '..'; locations may not climb out of their {'bucket' if scheme == 's3' else 'volume'}")
