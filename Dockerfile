@@ -1,5 +1,5 @@
 # KubeTune operator image: slim Python, the kubetune package with the [operator] extra only
-# (kopf, kubernetes client; no torch). Build from the repository root:
+# (kopf, kubernetes client; no torch). It runs `python -m kubetune_operator`. Build from the repository root:
 #   docker build -t ghcr.io/kubetune/kubetune-operator:0.1.0 .
 FROM python:3.12-slim AS build
 WORKDIR /src
@@ -18,5 +18,6 @@ RUN pip install --no-cache-dir --no-index --find-links /wheels "kubetune[operato
 USER 10001:10001
 # 8080: kopf liveness (/healthz); 8081: Prometheus metrics (/metrics).
 EXPOSE 8080 8081
-ENTRYPOINT ["kopf"]
-CMD ["run", "--standalone", "--liveness=http://0.0.0.0:8080/healthz", "--all-namespaces", "-m", "kubetune_operator.main"]
+# kopf.run() standalone with liveness on :8080/healthz; KUBETUNE_WATCH_NAMESPACES limits the
+# namespaces (the Helm chart sets it and the same command).
+ENTRYPOINT ["python", "-m", "kubetune_operator"]

@@ -97,15 +97,13 @@ def test_default_install_runs_one_hardened_operator_with_kopf_liveness(chart):
     assert security["capabilities"]["drop"] == ["ALL"]
     assert container["resources"]["requests"] and container["resources"]["limits"]
 
-    args = container["args"]
-    assert args[:2] == ["run", "--standalone"]
-    assert "--all-namespaces" in args and not any(a.startswith("--namespace") for a in args)
-    liveness = [a for a in args if a.startswith("--liveness=")]
-    assert liveness == ["--liveness=http://0.0.0.0:8080/healthz"]
+    assert container["command"] == ["python", "-m", "kubetune_operator"]
+    env = env_of(container)
+    assert env["KUBETUNE_WATCH_NAMESPACES"] == ""  # every namespace
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     probe = container["livenessProbe"]["httpGet"]
-    assert probe["path"] == "/healthz" and ports[probe["port"]] == 8080
-    assert ports["metrics"] == 8081
+    assert probe["path"] == "/healthz" and ports[probe["port"]] == int(env["KUBETUNE_OPERATOR_LIVENESS_PORT"]) == 8080
+    assert ports["metrics"] == int(env["KUBETUNE_OPERATOR_METRICS_PORT"]) == 8081
     # The metrics Service reaches the metrics port of exactly these pods.
     service = one(objects, "Service", f"{RELEASE}-kubetune-metrics")
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
@@ -126,7 +124,8 @@ def test_operator_reads_the_images_and_ports_the_chart_gives_it(chart):
     assert settings.vllm_image == "registry.local:5000/vllm:v1"
     assert settings.image_pull_policy == "Always"
     assert settings.metrics_port == 9090 and settings.liveness_port == 9091
-    assert "--liveness=http://0.0.0.0:9091/healthz" in container["args"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[container["livenessProbe"]["httpGet"]["port"]] == 9091 and ports["metrics"] == 9090
 
 
 def test_default_install_is_cluster_wide_with_kopf_and_app_permissions_split(chart):
@@ -187,9 +186,7 @@ def test_namespaced_mode_uses_roles_in_each_watched_namespace_only(chart):
             assert binding["subjects"][0]["namespace"] == NAMESPACE
         assert one(objects, "ServiceAccount", "kubetune-workload", namespace)["automountServiceAccountToken"] is False
     assert {o["metadata"]["namespace"] for o in objects if o["kind"] in ("Role", "RoleBinding")} == set(watched)
-    args = operator_container(objects)["args"]
-    assert [a for a in args if a.startswith("--namespace")] == ["--namespace=team-a", "--namespace=team-b"]
-    assert "--all-namespaces" not in args
+    assert env_of(operator_container(objects))["KUBETUNE_WATCH_NAMESPACES"] == "team-a,team-b"
     for monitor in (o for o in objects if o["kind"] == "PodMonitor"):
         assert monitor["spec"]["namespaceSelector"] == {"matchNames": watched}
 
@@ -337,7 +334,8 @@ BAD_VALUES = [
     ({"monitoring": {"serviceMonitor": {"enabled": "yes"}}}, "at '/monitoring/serviceMonitor/enabled': got string, want boolean"),
     ({"monitoring": {"podMonitor": {"interval": "15 seconds"}}}, "at '/monitoring/podMonitor/interval': '15 seconds' does not match pattern"),
     ({"operator": {"resources": {"limits": {"memory": "lots"}}}}, "at '/operator/resources/limits/memory': 'lots' does not match pattern"),
-    ({"operator": {"logFormat": "xml"}}, "at '/operator/logFormat': value must be one of 'plain', 'full', 'json'"),
+    ({"workloadServiceAccount": {"name": "Trainer Pods"}}, "at '/workloadServiceAccount/name': 'Trainer Pods' does not match pattern"),
+    ({"images": {"trainer": {"tag": None}}}, "at '/images/trainer': missing property 'tag'"),
 ]
 
 

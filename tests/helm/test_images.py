@@ -64,28 +64,23 @@ def test_images_copy_only_existing_sources_and_run_as_non_root(dockerfile):
     assert user.isdigit() and int(user) != 0, f"{dockerfile}: USER {user} must be a numeric non-root uid"
 
 
-def operator_module_of_chart() -> str:
+def operator_command_of_chart() -> list[str]:
     with helm.Chart.load(REPO / "charts" / "kubetune") as chart:
         manifest = chart.render({}, name="kt", namespace="kt")["kubetune/templates/deployment.yaml"]
-    args = yaml.safe_load(manifest)["spec"]["template"]["spec"]["containers"][0]["args"]
-    return args[args.index("-m") + 1]
+    return yaml.safe_load(manifest)["spec"]["template"]["spec"]["containers"][0]["command"]
 
 
-def test_operator_image_runs_kopf_with_liveness_on_the_charts_module():
+def test_operator_image_and_chart_start_the_operator_module_the_same_way():
     steps = final_stage(instructions(REPO / "Dockerfile"))
-    assert exec_form(last(steps, "ENTRYPOINT")) == ["kopf"]
-    command = exec_form(last(steps, "CMD"))
-    assert command[:2] == ["run", "--standalone"] and "--liveness=http://0.0.0.0:8080/healthz" in command
-    assert command[command.index("-m") + 1] == operator_module_of_chart()
+    command = exec_form(last(steps, "ENTRYPOINT"))
+    assert command == operator_command_of_chart() == ["python", "-m", "kubetune_operator"]
     installs = " ".join(args for op, args in instructions(REPO / "Dockerfile") if op == "RUN" and "pip" in args)
     assert "[operator]" in installs and "train" not in installs and "torch" not in installs
-    result = run(str(BIN / "kopf"), "run", "--help", timeout=60)
-    assert result.returncode == 0 and "--liveness" in result.stdout and "--namespace" in result.stdout
 
 
 def test_operator_module_imports_without_torch():
-    module = operator_module_of_chart()
-    code = (f"import sys, {module}; heavy = sorted(m for m in ('torch', 'transformers', 'deepspeed', 'peft') if m in sys.modules); "
+    code = ("import sys, kubetune_operator.__main__ as entry; assert callable(entry.main); "
+            "heavy = sorted(m for m in ('torch', 'transformers', 'deepspeed', 'peft') if m in sys.modules); "
             "print(heavy); sys.exit(1 if heavy else 0)")
     result = run(sys.executable, "-c", code, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -31,7 +31,7 @@ def registered_metric_names() -> dict[str, set[str]]:
     from prometheus_client import CollectorRegistry
 
     from kubetune.serve.metrics import ServeMetrics
-    from kubetune.train import metrics as train_metrics
+    from kubetune.train.metrics import TrainMetrics
     from kubetune_operator import metrics as operator_metrics
 
     def module_registries(module) -> set[str]:
@@ -40,7 +40,7 @@ def registered_metric_names() -> dict[str, set[str]]:
         return set().union(*(exposed_names(r) for r in registries))
 
     return {
-        "trainer": module_registries(train_metrics),
+        "trainer": exposed_names(TrainMetrics("job").registry),
         "serving": exposed_names(ServeMetrics().registry),
         "operator": module_registries(operator_metrics),
     }
