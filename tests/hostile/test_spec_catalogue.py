@@ -182,7 +182,7 @@ def test_locations_refused(value, expected):
     assert str(info.value) == expected
 
 
-@pytest.mark.parametrize("value", ["pvc://../etc/passwd", "pvc://./x", "s3://../x"])
+@pytest.mark.parametrize("value", ["pvc://../etc/passwd", "pvc://./x", "s3://../x", "s3:// /x", "S3://0 /", "pvc://a b/x"])
 def test_dot_bucket_or_claim_refused(value):
     with pytest.raises(UriError):
         parse_uri(value)
