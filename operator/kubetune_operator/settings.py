@@ -17,6 +17,8 @@ class Settings:
     liveness_port: int = 8080
     # Log lines of a failed worker kept in status.failure and the Failed event.
     failure_log_lines: int = 20
+    # After a failed progress.json read, skip reads of that job for this many seconds.
+    progress_retry_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, env: "dict[str, str] | None" = None) -> "Settings":
@@ -30,4 +32,5 @@ class Settings:
             metrics_port=int(env.get("KUBETUNE_OPERATOR_METRICS_PORT", defaults.metrics_port)),
             liveness_port=int(env.get("KUBETUNE_OPERATOR_LIVENESS_PORT", defaults.liveness_port)),
             failure_log_lines=int(env.get("KUBETUNE_FAILURE_LOG_LINES", defaults.failure_log_lines)),
+            progress_retry_seconds=float(env.get("KUBETUNE_PROGRESS_RETRY_SECONDS", defaults.progress_retry_seconds)),
         )

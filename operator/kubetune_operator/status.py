@@ -132,14 +132,15 @@ def progress_status(progress: Progress) -> dict:
 class _Machine:
     """One reconciliation step; collects status changes, actions and events."""
 
-    def __init__(self, job: FineTuneJob, observed: Observed, progress: Optional[Progress], previous: dict, now: datetime, layout: Optional[JobLayout]):
+    def __init__(self, job: Optional[FineTuneJob], observed: Observed, progress: Optional[Progress], previous: dict, now: datetime,
+                 layout: Optional[JobLayout], generation: Optional[int]):  # fmt: skip
         self.job = job
         self.observed = observed
         self.progress = progress
         self.previous = previous
         self.now = now
         self.layout = layout
-        self.generation = getattr(job.metadata, "generation", None)
+        self.generation = generation
         self.status = {k: v for k, v in previous.items()}
         self.status.setdefault("restarts", 0)
         self.status.setdefault("conditions", [])
@@ -174,7 +175,7 @@ class _Machine:
     # -- stages
     def run(self) -> None:
         self._apply_progress()
-        if self.observed.problems:
+        if self.observed.problems or self.job is None:
             self._invalid()
             return
         self.status["conditions"] = drop_condition(self.status["conditions"], "InvalidSpec")
@@ -288,7 +289,7 @@ class _Machine:
         """A failed or vanished worker: replace the whole gang (or fail the job)."""
         workers = self.observed.workers
         nodes = self.job.spec.distributed.nodes
-        failed = sorted((w for w in workers.values() if w.failed), key=lambda w: w.name)
+        failed = sorted((w for w in workers.values() if w.failed and not w.deleting), key=lambda w: w.name)
         vanished = []
         if self.phase == "Running":  # all workers existed; a missing one was deleted or evicted
             vanished = [i for i in range(nodes) if i not in workers]
@@ -398,8 +399,13 @@ class _Machine:
                 self.actions.append(Action.DELETE_MERGE)
 
 
-def decide(job: FineTuneJob, observed: Observed, progress: Optional[Progress], previous: dict, now: datetime, layout: Optional[JobLayout] = None) -> Decision:
-    machine = _Machine(job, observed, progress, dict(previous or {}), now, layout)
+def decide(job: Optional[FineTuneJob], observed: Observed, progress: Optional[Progress], previous: dict, now: datetime,
+           layout: Optional[JobLayout] = None, generation: Optional[int] = None) -> Decision:
+    """One reconciliation step. `job` is None when the resource failed schema validation
+    (then `observed.problems` says why). `generation` defaults to the job's metadata.generation."""
+    if generation is None and job is not None:
+        generation = getattr(job.metadata, "generation", None)
+    machine = _Machine(job, observed, progress, dict(previous or {}), now, layout, generation)
     machine.run()
     status = machine.status
     status["observedGeneration"] = machine.generation

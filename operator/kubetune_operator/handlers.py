@@ -1,0 +1,408 @@
+"""kopf handlers: a level-based reconciliation timer per FineTuneJob, plus cleanup on delete.
+
+Each cycle observes the job's children, the Secrets it names and the trainer's
+progress.json, asks the pure state machine (`status.decide`) what to do, creates or
+deletes children (idempotently: deterministic names, create-if-absent, 409 = exists),
+patches the status and emits an Event per transition. A lost watch event, a deleted child
+or an operator restart is therefore repaired by the next cycle.
+
+Storage credentials: to read progress.json the operator fetches the job's
+`spec.storage.credentialsSecret` through the API at read time and passes the keys to a
+boto3 client in memory only; they are never logged, stored in status, or put in the
+environment. Without a credentialsSecret, boto3's default chain (the operator pod's own
+identity, e.g. IRSA) is used. pvc:// checkpoint locations cannot be read by the operator:
+progress then stays unknown while the pod phases still drive the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import hashlib
+import json
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+import kopf
+
+from kubetune import spec as specmod
+from kubetune.layout import JobLayout, LayoutError, job_layout
+from kubetune.progress import Progress, parse_progress
+from kubetune.spec import FineTuneJob, SpecError, parse_job
+from kubetune.storage import S3Store
+from kubetune.validation import check_job
+
+from . import builders, metrics
+from .kube import Kube
+from .settings import Settings
+from .status import Action, Decision, Observed, PodState, decide, parse_iso
+
+GROUP, VERSION, PLURAL = specmod.API_GROUP, specmod.API_VERSION, specmod.PLURAL
+# Fields whose change after the workers started is refused (see status.SpecChangeRefused).
+MUTABLE_FIELDS = ("serving", "runPolicy")
+SPEC_HASH_ANNOTATION = "kubetune.io/spec-hash"
+EVENT_MESSAGE_LIMIT = 1000
+STATUS_KEYS_OWNED_BY_KOPF = ("kopf",)
+
+
+
+def kube(memo: kopf.Memo) -> Kube:
+    if memo.get("kube") is None:
+        raise kopf.TemporaryError("not logged in to the Kubernetes API yet", delay=1)
+    return memo["kube"]
+
+
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Keep kopf's bookkeeping in annotations: the CRD's structural schema prunes status.kopf.
+    settings.persistence.finalizer = "kubetune.io/cleanup"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubetune.io", key="last-handled-configuration")
+    settings.posting.level = logging.WARNING  # our own Events describe transitions
+    settings.peering.standalone = True  # one replica (the chart's Deployment has replicas: 1)
+    settings.watching.server_timeout = 300
+    metrics.serve(memo["settings"].metrics_port)
+
+
+def login(memo: kopf.Memo, **kwargs: Any) -> Optional[kopf.ConnectionInfo]:
+    """In-cluster service account or kubeconfig; KUBETUNE_API_SERVER names a server explicitly."""
+    server = os.environ.get("KUBETUNE_API_SERVER")
+    if server:
+        info = kopf.ConnectionInfo(server=server, default_namespace="default")
+    else:
+        info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    if info is not None:
+        memo["kube"] = Kube(info)
+    return info
+
+
+async def close_client(memo: kopf.Memo, **_: Any) -> None:
+    if memo.get("kube") is not None:
+        await memo["kube"].close()
+    metrics.stop()
+
+
+# ---------------------------------------------------------------------------------------
+# observing
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def job_document(body: kopf.Body) -> dict:
+    meta = body.metadata
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {"name": meta.name, "namespace": meta.namespace, "uid": meta.uid, "generation": meta.get("generation")},
+        "spec": copy.deepcopy(dict(body.spec)),
+    }
+
+
+def parse_body(body: kopf.Body) -> tuple[Optional[FineTuneJob], list[str]]:
+    try:
+        return parse_job(job_document(body), f"FineTuneJob {body.metadata.namespace}/{body.metadata.name}"), []
+    except SpecError as err:
+        return None, [f"{path}: {message}" if path else message for path, _, message in err.problems]
+
+
+def pod_state(pod: dict) -> PodState:
+    status = pod.get("status") or {}
+    exit_code, reason = None, status.get("reason") or ""
+    for container in status.get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated")
+        if terminated:
+            exit_code = terminated.get("exitCode")
+            reason = terminated.get("reason") or reason
+    labels = pod["metadata"].get("labels") or {}
+    return PodState(
+        name=pod["metadata"]["name"],
+        phase=status.get("phase") or "Pending",
+        exit_code=exit_code,
+        attempt=int(labels.get(builders.ATTEMPT_LABEL, "0")),
+        deleting=bool(pod["metadata"].get("deletionTimestamp")),
+        reason=reason if reason not in ("Error", "Completed") else "",
+    )
+
+
+def changed_fields(started: FineTuneJob, current: FineTuneJob) -> list[str]:
+    a = started.spec.model_dump(by_alias=True, mode="json")
+    b = current.spec.model_dump(by_alias=True, mode="json")
+    return [key for key in b if key not in MUTABLE_FIELDS and a.get(key) != b.get(key)]
+
+
+def with_mutable_fields(started: FineTuneJob, current: FineTuneJob) -> FineTuneJob:
+    """The job the workers run (ConfigMap copy) with the current serving and runPolicy."""
+    return started.model_copy(update={"spec": started.spec.model_copy(update={"serving": current.spec.serving, "run_policy": current.spec.run_policy})})
+
+
+def short(message: str) -> str:
+    if len(message) <= EVENT_MESSAGE_LIMIT:
+        return message
+    half = EVENT_MESSAGE_LIMIT // 2
+    return message[:half] + " ... " + message[-half:]
+
+
+class Reconciler:
+    """One reconciliation cycle of one job."""
+
+    def __init__(self, api: Kube, body: kopf.Body, settings: Settings, logger: logging.Logger | logging.LoggerAdapter,
+                 storage_failures: Optional[dict] = None):  # fmt: skip
+        self.api = api
+        # (namespace, name) -> monotonic time of the last failed progress read (shared across cycles).
+        self.storage_failures = storage_failures if storage_failures is not None else {}
+        self.body = body
+        self.settings = settings
+        self.logger = logger
+        self.name = body.metadata.name
+        self.namespace = body.metadata.namespace
+        self.previous = copy.deepcopy({k: v for k, v in dict(body.get("status") or {}).items() if k not in STATUS_KEYS_OWNED_BY_KOPF})
+        self.pods: list[dict] = []
+        self.config_map: Optional[dict] = None
+        self.deployment: Optional[dict] = None
+
+    async def run(self) -> Decision:
+        job, problems = parse_body(self.body)
+        observed = Observed(problems=problems)
+        progress = None
+        layout: Optional[JobLayout] = None
+        if job is not None:
+            observed.problems += [str(p) for p in check_job(job, on_cluster=True)]
+            observed.problems += await self.missing_secrets(job)
+            job = await self.observe(job, observed)
+            try:
+                layout = job_layout(job)
+            except LayoutError:
+                layout = None  # reported by check_job
+            if layout is not None and not observed.problems and self.wants_progress():
+                progress = await self.read_progress(job, layout)
+        decision = decide(job, observed, progress, self.previous, utc_now(), layout, self.body.metadata.get("generation"))
+        if job is not None:
+            await self.execute(decision, job, observed)
+        return decision
+
+    async def missing_secrets(self, job: FineTuneJob) -> list[str]:
+        wanted = []
+        if job.spec.storage.credentials_secret:
+            wanted.append(("spec.storage.credentialsSecret", job.spec.storage.credentials_secret))
+        if job.spec.serving.enabled and job.spec.serving.auth_secret:
+            wanted.append(("spec.serving.authSecret", job.spec.serving.auth_secret))
+        problems = []
+        for field, name in wanted:
+            if await self.api.get("Secret", self.namespace, name) is None:
+                problems.append(f"{field}: Secret {name!r} not found in namespace {self.namespace}")
+        return problems
+
+    async def observe(self, job: FineTuneJob, observed: Observed) -> FineTuneJob:
+        self.pods = await self.api.list("Pod", self.namespace, {builders.JOB_LABEL: self.name})
+        for pod in self.pods:
+            labels = pod["metadata"].get("labels") or {}
+            role = labels.get(builders.ROLE_LABEL)
+            state = pod_state(pod)
+            if state.failed:
+                container = "trainer" if role == "worker" else "merge"
+                tail = await self.api.log_tail(self.namespace, state.name, self.settings.failure_log_lines, container)
+                state = PodState(**{**state.__dict__, "log_tail": tail.strip()})
+            if role == "worker" and builders.INDEX_LABEL in labels:
+                observed.workers[int(labels[builders.INDEX_LABEL])] = state
+            elif role == "merge":
+                observed.merge = state
+        self.deployment = await self.api.get("Deployment", self.namespace, builders.serve_name(self.name))
+        if self.deployment is not None:
+            observed.serving_ready_replicas = (self.deployment.get("status") or {}).get("readyReplicas") or 0
+        self.config_map = await self.api.get("ConfigMap", self.namespace, builders.config_map_name(self.name))
+        if self.config_map is not None and self.previous.get("startTime"):
+            started = builders.job_from_config_map(self.config_map, job)
+            if started is not None:
+                observed.spec_changes = changed_fields(started, job)
+                return with_mutable_fields(started, job)
+        return job
+
+    def wants_progress(self) -> bool:
+        phase = self.previous.get("phase")
+        if phase in (None, "Pending", "Running", "Restarting", "Merging"):
+            return True
+        progress = self.previous.get("progress") or {}
+        return phase in ("Serving", "Succeeded") and progress.get("step") != progress.get("totalSteps")
+
+    async def read_progress(self, job: FineTuneJob, layout: JobLayout) -> Optional[Progress]:
+        if layout.checkpoints.scheme != "s3":
+            return None
+        key = (self.namespace, self.name)
+        failed_at = self.storage_failures.get(key)
+        if failed_at is not None and time.monotonic() - failed_at < self.settings.progress_retry_seconds:
+            return None
+        keys = await storage_keys(self.api, job)
+        try:
+            store = checkpoint_store(layout, job.spec.storage, keys, attempts=2)
+            raw = await asyncio.to_thread(store.get_bytes, "progress.json")
+        except FileNotFoundError:
+            return None  # the trainer has not written it yet
+        except Exception as err:  # noqa: BLE001 - storage trouble must not stop reconciliation
+            self.storage_failures[key] = time.monotonic()
+            self.logger.warning(f"cannot read {layout.progress} (next try in {self.settings.progress_retry_seconds:.0f}s): {type(err).__name__}: {err}")
+            return None
+        self.storage_failures.pop(key, None)
+        try:
+            return parse_progress(raw)
+        except (ValueError, TypeError) as err:
+            self.logger.warning(f"ignoring malformed {layout.progress}: {err}")
+            return None
+
+    # -- acting
+    async def execute(self, decision: Decision, job: FineTuneJob, observed: Observed) -> None:
+        api, ns = self.api, self.namespace
+        for action in decision.actions:
+            if action is Action.ENSURE_TRAINING_INFRA:
+                await self.ensure_config_map(job, started=bool(decision.status.get("startTime")) and bool(self.previous.get("startTime")))
+                if await api.get("Service", ns, builders.workers_service_name(self.name)) is None:
+                    await api.create(builders.build_worker_service(job))
+            elif action is Action.CREATE_WORKERS:
+                attempt = decision.status.get("attempt", 0)
+                for index in range(job.spec.distributed.nodes):
+                    if index not in observed.workers:
+                        if await api.create(builders.build_worker_pod(job, index, self.settings, attempt)):
+                            self.logger.info(f"created worker {index} (attempt {attempt})")
+            elif action is Action.DELETE_WORKERS:
+                for state in observed.workers.values():
+                    if not state.deleting:
+                        await api.delete("Pod", ns, state.name)
+            elif action is Action.CREATE_MERGE:
+                await api.create(builders.build_merge_pod(job, self.settings))
+            elif action is Action.DELETE_MERGE:
+                if observed.merge is not None and not observed.merge.deleting:
+                    await api.delete("Pod", ns, observed.merge.name)
+            elif action is Action.ENSURE_SERVING:
+                await self.ensure_serving(job)
+            elif action is Action.DELETE_SERVING:
+                await api.delete("Deployment", ns, builders.serve_name(self.name))
+                await api.delete("Service", ns, builders.serve_name(self.name))
+
+    async def ensure_config_map(self, job: FineTuneJob, started: bool) -> None:
+        wanted = builders.build_config_map(job)
+        if self.config_map is None:
+            await self.api.create(wanted)
+        elif not started and self.config_map.get("data") != wanted["data"]:
+            # Spec edited before any worker started: the workers get the new spec.
+            await self.api.merge_patch("ConfigMap", self.namespace, wanted["metadata"]["name"], {"data": wanted["data"]})
+
+    async def ensure_serving(self, job: FineTuneJob) -> None:
+        wanted = builders.build_serving_deployment(job, self.settings)
+        digest = hashlib.sha256(json.dumps(wanted["spec"], sort_keys=True).encode()).hexdigest()[:16]
+        wanted["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: digest}
+        if self.deployment is None:
+            await self.api.create(wanted)
+        elif (self.deployment["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION) != digest:
+            await self.api.merge_patch("Deployment", self.namespace, wanted["metadata"]["name"],
+                                       {"metadata": {"annotations": wanted["metadata"]["annotations"]}, "spec": wanted["spec"]})  # fmt: skip
+        if await self.api.get("Service", self.namespace, builders.serve_name(self.name)) is None:
+            await self.api.create(builders.build_serving_service(job))
+
+
+async def storage_keys(api: Kube, job: FineTuneJob) -> dict[str, str]:
+    """The job's S3 keys, read from its Secret now and kept in memory only."""
+    name = job.spec.storage.credentials_secret
+    if not name:
+        return {}
+    data = ((await api.get("Secret", job.metadata.namespace, name)) or {}).get("data") or {}
+    return {k: base64.b64decode(data[k]).decode() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if k in data}
+
+
+def checkpoint_store(layout: JobLayout, storage: specmod.StorageSpec, keys: dict[str, str], attempts: int) -> S3Store:
+    """A store on the job's checkpoint prefix with explicit keys (never via os.environ)."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=storage.endpoint or None,
+        region_name=storage.region or "us-east-1",
+        aws_access_key_id=keys.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=keys.get("AWS_SECRET_ACCESS_KEY"),
+        config=Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=3, read_timeout=10, s3={"addressing_style": "path"}),
+    )
+    return S3Store(layout.checkpoints, client=client)
+
+
+def status_patch(previous: dict, new: dict) -> dict:
+    """Merge patch turning `previous` into `new` (removed keys become null)."""
+    patch = {k: v for k, v in new.items() if previous.get(k) != v}
+    patch.update({k: None for k in previous if k not in new and k not in STATUS_KEYS_OWNED_BY_KOPF})
+    return patch
+
+
+def duration(status: dict, now: datetime) -> Optional[float]:
+    start = status.get("startTime")
+    if not start:
+        return None
+    end = parse_iso(status["completionTime"]) if status.get("completionTime") else now
+    return max(0.0, (end - parse_iso(start)).total_seconds())
+
+
+async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, memo: kopf.Memo, **_: Any) -> None:
+    started = time.monotonic()
+    try:
+        reconciler = Reconciler(kube(memo), body, memo["settings"], logger, memo["storage_failures"])
+        decision = await reconciler.run()
+    except Exception:
+        metrics.RECONCILE_TOTAL.labels("error").inc()
+        metrics.RECONCILE_ERRORS.inc()
+        raise
+    finally:
+        metrics.RECONCILE_DURATION.observe(time.monotonic() - started)
+    metrics.RECONCILE_TOTAL.labels("ok").inc()
+    for key, value in status_patch(reconciler.previous, decision.status).items():
+        patch.status[key] = value
+    for event in decision.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=short(event.message))
+        log = logger.warning if event.type == "Warning" else logger.info
+        log(f"{event.reason}: {short(event.message)}")
+    metrics.record_job(reconciler.namespace, reconciler.name, decision.status, duration(decision.status, utc_now()))
+
+
+async def cleanup(body: kopf.Body, logger: logging.Logger, memo: kopf.Memo, **_: Any) -> None:
+    """Children go (owner references do it too; explicit deletes make it immediate)."""
+    api, ns, name = kube(memo), body.metadata.namespace, body.metadata.name
+    for pod in await api.list("Pod", ns, {builders.JOB_LABEL: name}):
+        await api.delete("Pod", ns, pod["metadata"]["name"])
+    await api.delete("Deployment", ns, builders.serve_name(name))
+    for service in (builders.serve_name(name), builders.workers_service_name(name)):
+        await api.delete("Service", ns, service)
+    await api.delete("ConfigMap", ns, builders.config_map_name(name))
+    job, _problems = parse_body(body)
+    if job is not None and job.spec.storage.delete_on_job_deletion:
+        await delete_checkpoints(api, job, logger)
+    metrics.forget_job(ns, name)
+    logger.info("children deleted; outputs kept")
+
+
+async def delete_checkpoints(api: Kube, job: FineTuneJob, logger: logging.Logger) -> None:
+    try:
+        layout = job_layout(job)
+    except LayoutError:
+        return
+    if layout.checkpoints.scheme != "s3":
+        logger.warning(f"storage.deleteOnJobDeletion: {layout.checkpoints} is not s3://; left in place")
+        return
+    store = checkpoint_store(layout, job.spec.storage, await storage_keys(api, job), attempts=3)
+    await asyncio.to_thread(lambda: store.delete([o.key for o in store.list()]))
+    logger.info(f"deleted checkpoints under {layout.checkpoints}")
+
+
+def build_registry(settings: Settings) -> kopf.OperatorRegistry:
+    """All handlers, with the reconcile interval from the settings. Run with memo=new_memo(settings)."""
+    registry = kopf.OperatorRegistry()
+    kopf.on.startup(registry=registry)(configure)
+    kopf.on.login(registry=registry)(login)
+    kopf.on.cleanup(registry=registry)(close_client)
+    kopf.timer(GROUP, VERSION, PLURAL, interval=settings.reconcile_interval, id="reconcile", registry=registry)(reconcile)
+    kopf.on.delete(GROUP, VERSION, PLURAL, id="cleanup", registry=registry)(cleanup)
+    return registry
+
+
+def new_memo(settings: Settings) -> kopf.Memo:
+    return kopf.Memo(settings=settings, kube=None, storage_failures={})
