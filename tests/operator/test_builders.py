@@ -9,10 +9,10 @@ from kubetune.spec import parse_job
 from kubetune_operator import builders
 from kubetune_operator.settings import Settings
 
-from operator_helpers import EXAMPLES, example, k8s_validate
+from operator_helpers import cluster_examples, example, k8s_validate
 
 SETTINGS = Settings()
-ALL_EXAMPLES = sorted(p.name for p in EXAMPLES.glob("*.yaml") if yaml.safe_load(p.read_text()).get("kind") == "FineTuneJob")
+ALL_EXAMPLES = cluster_examples()
 
 
 def children(job):
@@ -91,6 +91,13 @@ def test_volcano_queue_placement_and_cpu_only_pods():
     assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     cpu = builders.build_worker_pod(example("ptuning-cpu.yaml"), 0, SETTINGS)
     assert "nvidia.com/gpu" not in cpu["spec"]["containers"][0]["resources"]["limits"]
+
+
+def test_kubernetes_validation_catches_a_broken_manifest():
+    pod = builders.build_worker_pod(example("lora-multinode.yaml"), 0, SETTINGS)
+    pod["spec"]["containers"][0]["resoures"] = {}
+    with pytest.raises(Exception, match="resoures"):
+        k8s_validate(pod)
 
 
 def test_config_map_holds_the_job_the_trainer_reads():

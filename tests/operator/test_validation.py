@@ -6,7 +6,7 @@ import pytest
 
 from kubetune.validation import check_job
 
-from operator_helpers import EXAMPLES, example
+from operator_helpers import LOCAL_EXAMPLES, cluster_examples, example
 
 
 def with_spec(name: str, **changes):
@@ -21,9 +21,16 @@ def with_spec(name: str, **changes):
     return type(job).model_validate(doc)
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+@pytest.mark.parametrize("name", cluster_examples())
 def test_examples_have_no_problems_on_a_cluster(name):
     assert check_job(example(name), on_cluster=True) == []
+
+
+@pytest.mark.parametrize("name", LOCAL_EXAMPLES)
+def test_local_examples_have_no_problems_locally_but_cannot_run_on_a_cluster(name):
+    job = example(name)
+    assert check_job(job, on_cluster=False) == []
+    assert any("pods cannot see" in p.message for p in check_job(job, on_cluster=True))
 
 
 @pytest.mark.parametrize(
