@@ -220,8 +220,8 @@ class SeaweedS3:
             try:
                 client.create_bucket(Bucket=name)
                 return
-            except client.exceptions.BucketAlreadyOwnedByYou:
-                return
+            except (client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
+                return  # SeaweedFS answers BucketAlreadyExists when start() runs again after stop()
             except Exception:  # noqa: BLE001 - the filer may still be starting
                 if time.monotonic() > deadline:
                     raise

@@ -46,7 +46,7 @@ class CheckpointError(RuntimeError):
 
 
 class WorldSizeMismatch(CheckpointError):
-    """The checkpoint holds per-rank ZeRO shards for a different number of ranks."""
+    """The checkpoint was written by a different number of ranks (an input error: retrying cannot help)."""
 
 
 class NoUsableCheckpoint(CheckpointError):
@@ -325,11 +325,7 @@ class CheckpointManager:
             )
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load checkpoint {self.uri}/{candidate} from {self.local_dir}")
-            rng = self.local_dir / candidate / "rng" / f"rank-{self.rank:05d}.pt"
-            if manifest.world_size == self.world_size:
-                load_rng_state(rng)
-            else:
-                log.warning("checkpoint %s was written by %d ranks, this run has %d: random number streams restart", candidate, manifest.world_size, self.world_size)
+            load_rng_state(self.local_dir / candidate / "rng" / f"rank-{self.rank:05d}.pt")
             self.loaded = candidate
             log.info("resumed from checkpoint %s/%s (step %d)", self.uri, candidate, manifest.step)
             return dict(manifest.client_state)
@@ -347,12 +343,14 @@ class CheckpointManager:
             return None
 
     def _check_world_size(self, manifest: Manifest) -> None:
-        if manifest.world_size != self.world_size and manifest.per_rank_shards:
+        # ZeRO partitions optimizer state (stage 3: parameters too) by rank, and the RNG
+        # streams and data positions are per rank: resuming is exact only with the same ranks.
+        if manifest.world_size != self.world_size:
             raise WorldSizeMismatch(
-                f"checkpoint {self.uri}/{manifest.name} was written by {manifest.world_size} ranks with ZeRO stage "
-                f"{manifest.zero_stage} (optimizer state partitioned per rank), but this run has {self.world_size} ranks. "
-                f"Run with {manifest.world_size} ranks (spec.distributed.nodes x gpusPerNode) to resume, or point "
-                "spec.checkpoint.uri at an empty location to start over."
+                f"checkpoint {self.uri}/{manifest.name} was written by {manifest.world_size} ranks "
+                f"(ZeRO stage {manifest.zero_stage}) but this run has {self.world_size} ranks. Resume with "
+                f"{manifest.world_size} ranks (spec.distributed.nodes x gpusPerNode = {manifest.world_size}), or "
+                "point spec.checkpoint.uri at an empty location to start over with the new size."
             )
 
     def _download(self, manifest: Manifest) -> tuple[Optional[str], Optional[str]]:

@@ -20,9 +20,6 @@ from typing import Any, Optional
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 NAME_RE = re.compile(r"^step-(\d{9})$")
-# Files DeepSpeed writes once per data-parallel rank: a checkpoint holding them can only be
-# loaded by the same number of ranks (ZeRO partitions the optimizer state by rank).
-PER_RANK_SHARD_RE = re.compile(r"(^|/)(bf16_)?zero_pp_rank_\d+_")
 
 
 class ManifestError(ValueError):
@@ -71,10 +68,6 @@ class Manifest:
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
-
-    @property
-    def per_rank_shards(self) -> bool:
-        return any(PER_RANK_SHARD_RE.search(f.path) for f in self.files)
 
 
 def parse_manifest(raw: bytes | str, name: str) -> Manifest:
