@@ -269,8 +269,11 @@ def trainer_command(job: Path, nproc: int, extra: Iterable[str] = (), master_por
 def run_trainer(job: Path, *, nproc: int = 1, threads: int = 2, env: Optional[dict] = None, timeout: float = 900, extra: Iterable[str] = (), stop_after_first_step: bool = False) -> TrainerRun:
     """Run the trainer on a job file and collect its events. With stop_after_first_step it is
     sent SIGTERM (a preemption) when its first step event arrives."""
-    peak_dir = job.parent / f"peaks-{job.stem}-{time.monotonic_ns()}"
-    full_env = bench_env(threads, KUBETUNE_BENCH_PEAK_DIR=str(peak_dir), **(env or {}))
+    run_dir = job.parent / f"run-{time.monotonic_ns()}"
+    peak_dir = run_dir / "peaks"
+    # A fresh checkpoint staging folder per run: a resume downloads, as on a new node.
+    full_env = bench_env(threads, KUBETUNE_BENCH_PEAK_DIR=str(peak_dir), KUBETUNE_CACHE_DIR=str(job.parent / "cache"),
+                         KUBETUNE_CHECKPOINT_LOCAL_DIR=str(run_dir / "checkpoint-staging"), **(env or {}))  # fmt: skip
     events: list[tuple[float, dict]] = []
     stderr_lines: list[str] = []
     start = time.monotonic()
