@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -14,14 +15,25 @@ from typing import Optional
 
 import yaml
 
-from kubetune.testing import free_port
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports on 127.0.0.1 (all bound at once, so none is handed out twice)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 class PrometheusServer:
-    def __init__(self, directory: Path, scrape_configs: list[dict], rule_files: tuple[Path, ...] = (),
+    def __init__(self, directory: Path, port: int, scrape_configs: list[dict], rule_files: tuple[Path, ...] = (),
                  scrape_interval: str = "250ms"):
         self.directory = Path(directory)
-        self.port = free_port()
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = {
             "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval, "evaluation_interval": "1s"},

@@ -1,106 +1,150 @@
-"""The real Prometheus scrapes a live trainer run (tiny model, one process) and the
-operator's metrics endpoint; the recorded series are read back through Prometheus's HTTP
-API and compared with what the trainer printed. The chart's alert rules and dashboard
-queries then run against these real series."""
+"""The real Prometheus scrapes a live training job end to end: the real operator
+(`python -m kubetune_operator`, as its image runs it) reconciles a FineTuneJob on the kmock
+API server, the trainer runs the job document from the operator's ConfigMap (as the worker
+pod would) with SeaweedFS as its S3, and the operator follows it through progress.json.
+The recorded series are read back through Prometheus's HTTP API and compared with what the
+trainer printed; the chart's alert rules and dashboard queries then run on these series."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
-import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from kubetune.testing import free_port
-from prometheus_server import PrometheusServer
+from prometheus_server import PrometheusServer, free_ports
 from promql import dashboard_queries, grafana_to_promql, load_dashboards
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "operator"))
+from kube_emulator import Cluster  # noqa: E402  (the operator tests' API server)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 FILES = REPO / "charts" / "kubetune" / "files"
-JOB = "prom-e2e"
+JOB, NAMESPACE = "prom-e2e", "default"
 SELECTOR = f'{{job="kubetune-trainer", finetunejob="{JOB}"}}'
-
-# Status documents as the operator writes them (API.md): one job running, one finished.
-OPERATOR_SCRIPT = textwrap.dedent("""
-    import sys
-    from kubetune_operator import metrics
-    metrics.record_job("ml", "qa-bot", {"phase": "Running", "restarts": 1, "loss": 1.25,
-                       "progress": {"step": 30, "totalSteps": 120}}, 600.0)
-    metrics.record_job("ml", "old-bot", {"phase": "Succeeded", "restarts": 0, "loss": 0.5,
-                       "progress": {"step": 50, "totalSteps": 50}}, 3600.0)
-    metrics.RECONCILE_TOTAL.labels("ok").inc(7)
-    metrics.serve(int(sys.argv[1]), host="127.0.0.1")
-    print("ready", flush=True)
-    sys.stdin.read()  # serve until the test closes stdin
-""")
+BIN = Path(sys.executable).parent
 
 
-def write_job(folder: Path, model_dir: Path) -> Path:
-    records = [{"prompt": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."}
-               for a in range(8) for b in range(4)]
-    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    job = {
+def rest(cluster: Cluster, method: str, path: str, body=None, content_type="application/json"):
+    request = urllib.request.Request(cluster.url + path, method=method, headers={"Content-Type": content_type},
+                                     data=json.dumps(body).encode() if body is not None else None)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        raw = response.read()
+    return json.loads(raw) if raw else None
+
+
+def wait_until(predicate, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise TimeoutError(what)
+
+
+def upload_inputs(seaweed, model_dir: Path) -> None:
+    s3 = seaweed.client()
+    for path in model_dir.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), "models", f"tiny/{path.relative_to(model_dir)}")
+    records = [{"prompt": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."} for a in range(8) for b in range(4)]
+    s3.put_object(Bucket="data", Key=f"{JOB}.jsonl", Body="".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+def job_document(seaweed) -> dict:
+    return {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
-        "metadata": {"name": JOB},
+        "metadata": {"name": JOB, "namespace": NAMESPACE},
         "spec": {
-            "model": {"uri": str(model_dir)},
-            "dataset": {"uri": "data.jsonl", "format": "prompt_response"},
+            "model": {"uri": "s3://models/tiny"},
+            "dataset": {"uri": f"s3://data/{JOB}.jsonl", "format": "prompt_response"},
             "method": {"type": "lora", "lora": {"r": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]}},
-            "training": {"maxSteps": 60, "learningRate": 1.0e-3, "maxLength": 64, "logEverySteps": 1, "precision": "fp32"},
-            "distributed": {"nodes": 1, "gpusPerNode": 1, "zero": {"stage": 0}},
-            "checkpoint": {"everySteps": 20, "keep": 1},
-            "output": {"merge": False},
+            "training": {"maxSteps": 40, "learningRate": 1.0e-3, "maxLength": 64, "logEverySteps": 1, "precision": "fp32"},
+            "distributed": {"nodes": 1, "gpusPerNode": 1, "zero": {"stage": 2}},
+            "checkpoint": {"uri": f"s3://checkpoints/{JOB}", "everySteps": 15, "keep": 1},
+            "storage": {"endpoint": seaweed.endpoint, "credentialsSecret": "s3-credentials"},
+            "output": {"uri": f"s3://outputs/{JOB}", "merge": False},
         },
     }
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
+
+
+def set_pod(cluster: Cluster, name: str, phase: str, exit_code=None) -> None:
+    status = {"phase": phase}
+    if exit_code is not None:
+        status["containerStatuses"] = [{"name": "trainer", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
+                                        "state": {"terminated": {"exitCode": exit_code, "reason": "Completed"}}}]
+    rest(cluster, "PATCH", f"/api/v1/namespaces/{NAMESPACE}/pods/{name}/status", {"status": status}, "application/merge-patch+json")
 
 
 @pytest.fixture(scope="module")
-def recorded(tmp_path_factory, tiny_model_dir):
-    """Prometheus that scraped a whole trainer run and the operator; the trainer's events."""
+def recorded(tmp_path_factory, tiny_model_dir, seaweed):
+    """Prometheus that scraped the operator and a whole trainer run of one FineTuneJob."""
     work = tmp_path_factory.mktemp("prometheus-e2e")
-    trainer_port, operator_port = free_port(), free_port()
-    server = PrometheusServer(work, scrape_configs=[
+    trainer_port, operator_port, liveness_port, prometheus_port = free_ports(4)
+    upload_inputs(seaweed, tiny_model_dir)
+    cluster = Cluster(work).start()
+    server = PrometheusServer(work, prometheus_port, scrape_configs=[
         {"job_name": "kubetune-trainer", "static_configs": [{"targets": [f"127.0.0.1:{trainer_port}"]}]},
         # honor_labels as the chart's ServiceMonitor: the series keep the job's own namespace.
         {"job_name": "kubetune-operator", "honor_labels": True,
          "static_configs": [{"targets": [f"127.0.0.1:{operator_port}"], "labels": {"namespace": "kubetune-system"}}]},
     ], rule_files=(FILES / "prometheus-rules.yaml",))
-    server.start()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "KUBETUNE_METRICS_PORT": str(trainer_port)}
-    operator = subprocess.Popen([sys.executable, "-c", OPERATOR_SCRIPT, str(operator_port)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True, env=env)
+    operator = None
     try:
-        assert operator.stdout.readline().strip() == "ready"
-        job = write_job(work, tiny_model_dir)
-        run = subprocess.run([str(Path(sys.executable).parent / "kubetune-train"), "--job", str(job)],
+        server.start()
+        secret = {k: base64.b64encode(seaweed.env[k].encode()).decode() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        rest(cluster, "POST", f"/api/v1/namespaces/{NAMESPACE}/secrets",
+             {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials", "namespace": NAMESPACE}, "data": secret})
+        rest(cluster, "POST", f"/apis/kubetune.io/v1alpha1/namespaces/{NAMESPACE}/finetunejobs", job_document(seaweed))
+        operator_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        operator_env.update(KUBETUNE_API_SERVER=cluster.url, KUBETUNE_OPERATOR_METRICS_PORT=str(operator_port),
+                            KUBETUNE_OPERATOR_LIVENESS_PORT=str(liveness_port), KUBETUNE_RECONCILE_INTERVAL="0.5")
+        operator = subprocess.Popen([sys.executable, "-m", "kubetune_operator"], env=operator_env, cwd=work,
+                                    stdout=open(work / "operator.log", "wb"), stderr=subprocess.STDOUT)
+        config = wait_until(lambda: cluster.objects("configmaps", NAMESPACE).get(f"{JOB}-config"), "the job's ConfigMap")
+        wait_until(lambda: cluster.objects("pods", NAMESPACE).get(f"{JOB}-worker-0"), "worker pod 0")
+        set_pod(cluster, f"{JOB}-worker-0", "Running")
+
+        # What worker 0 runs (contract 9), in this process tree: the operator's job document.
+        (work / "job.yaml").write_text(config["data"]["job.yaml"])
+        env = {**os.environ, **seaweed.env, "OMP_NUM_THREADS": "1", "KUBETUNE_METRICS_PORT": str(trainer_port)}
+        run = subprocess.run([str(BIN / "kubetune-train"), "--job", str(work / "job.yaml")],
                              capture_output=True, text=True, timeout=600, env=env, cwd=work)
         assert run.returncode == 0, run.stderr[-3000:]
         events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-        server.wait_for(f'kubetune_operator_job_phase{{name="qa-bot"}}')
-        yield server, events
+        set_pod(cluster, f"{JOB}-worker-0", "Succeeded", exit_code=0)
+        server.wait_for(f'kubetune_operator_job_phase{{name="{JOB}", phase="Succeeded"}} == 1', timeout=60)
+        yield server, events, liveness_port
     finally:
-        operator.stdin.close()
-        operator.wait(timeout=10)
+        if operator is not None:
+            operator.send_signal(signal.SIGTERM)
+            try:
+                operator.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                operator.kill()
+                operator.wait()
         server.stop()
+        cluster.stop()
 
 
 def test_prometheus_recorded_the_losses_and_steps_the_trainer_printed(recorded):
-    server, events = recorded
+    server, events, _ = recorded
     steps = {e["step"]: e for e in events if e["event"] == "step"}
     (start,) = [e for e in events if e["event"] == "start"]
-    assert len(steps) == start["total_steps"] == 60
+    assert len(steps) == start["total_steps"] == 40
 
     step_samples = [v for _, v in server.samples(f"kubetune_train_step{SELECTOR}")]
     loss_samples = [v for _, v in server.samples(f"kubetune_train_loss{SELECTOR}")]
@@ -116,19 +160,30 @@ def test_prometheus_recorded_the_losses_and_steps_the_trainer_printed(recorded):
     assert tokens[-1] > 0 and tokens == sorted(tokens)
 
 
-def test_prometheus_recorded_the_operator_series_with_the_jobs_namespace(recorded):
-    server, _ = recorded
-    phases = {(r["metric"]["name"], r["metric"]["phase"]): float(r["value"][1])
-              for r in server.query('kubetune_operator_job_phase{namespace="ml"} == 1')}
-    assert phases == {("qa-bot", "Running"): 1.0, ("old-bot", "Succeeded"): 1.0}
-    jobs = {r["metric"]["phase"]: float(r["value"][1]) for r in server.query("kubetune_operator_jobs > 0")}
-    assert jobs == {"Running": 1.0, "Succeeded": 1.0}
-    (progress,) = server.query('kubetune_operator_job_progress_ratio{name="qa-bot"}')
-    assert float(progress["value"][1]) == 0.25 and progress["metric"]["namespace"] == "ml"
+def test_prometheus_recorded_the_operator_following_the_job(recorded):
+    server, events, liveness_port = recorded
+    losses = {e["loss"] for e in events if e["event"] == "step"}
+    phases = [r["metric"]["phase"] for r in server.query(f'max_over_time(kubetune_operator_job_phase{{name="{JOB}"}}[10m]) == 1')]
+    assert {"Running", "Succeeded"} <= set(phases)
+    (current,) = server.query(f'kubetune_operator_job_phase{{name="{JOB}"}} == 1')
+    assert current["metric"]["phase"] == "Succeeded" and current["metric"]["namespace"] == NAMESPACE
+    # The operator read the trainer's progress.json from S3 while it ran.
+    progress = [v for _, v in server.samples(f'kubetune_operator_job_progress_ratio{{name="{JOB}"}}')]
+    assert progress[-1] == 1.0 and progress == sorted(progress)
+    # progress.json carries the loss rounded to 6 decimals.
+    operator_losses = {v for _, v in server.samples(f'kubetune_operator_job_loss{{name="{JOB}"}}')}
+    assert operator_losses and operator_losses <= {round(loss, 6) for loss in losses}
+    (jobs,) = server.query('kubetune_operator_jobs{phase="Succeeded"}')
+    assert float(jobs["value"][1]) == 1.0
+    ok = server.query('kubetune_operator_reconcile_total{result="ok"}')
+    assert float(ok[0]["value"][1]) > 0
+    # kopf's liveness endpoint, which the chart's livenessProbe calls.
+    with urllib.request.urlopen(f"http://127.0.0.1:{liveness_port}/healthz", timeout=5) as response:
+        assert response.status == 200
 
 
 def test_alert_rules_evaluate_cleanly_on_real_series(recorded):
-    server, _ = recorded
+    server, _, _ = recorded
     # Let the rule manager evaluate every group at least once after the data arrived.
     deadline = time.monotonic() + 15
     while True:
@@ -148,7 +203,7 @@ def test_alert_rules_evaluate_cleanly_on_real_series(recorded):
 @pytest.mark.parametrize("dashboard", ["training.json", "jobs-overview.json"])
 def test_dashboard_queries_return_data_from_the_run(recorded, dashboard):
     """Every query of the dashboard runs in Prometheus; those that can have data here do."""
-    server, _ = recorded
+    server, _, _ = recorded
     last_scrape = server.samples(f"kubetune_train_step{SELECTOR}")[-1][0]
     # Panels that need what this run cannot produce: a GPU, or reconcile timings.
     may_be_empty = ("kubetune_train_gpu_memory_bytes", "kubetune_operator_reconcile_duration_seconds",
