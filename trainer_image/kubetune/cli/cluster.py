@@ -11,8 +11,6 @@ from rich.table import Table
 
 from ..spec import API_GROUP, API_VERSION, PLURAL
 
-console = Console()
-
 
 def _clients(args):
     from kubernetes import client, config
@@ -65,9 +63,9 @@ def cluster_command(args) -> int:
     try:
         custom, core, namespace = _clients(args)
         if args.command == "list":
-            return _list(custom, namespace, args.all_namespaces)
+            return _list(Console(), custom, namespace, args.all_namespaces)
         if args.command == "status":
-            return _status(custom, namespace, args.name)
+            return _status(Console(), custom, namespace, args.name)
         return _logs(core, namespace, args)
     except ApiException as err:
         reason = "not found" if err.status == 404 else (err.reason or f"HTTP {err.status}")
@@ -78,7 +76,7 @@ def cluster_command(args) -> int:
         return 1
 
 
-def _list(custom, namespace: str, all_namespaces: bool) -> int:
+def _list(console: Console, custom, namespace: str, all_namespaces: bool) -> int:
     if all_namespaces:
         items = custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)["items"]
     else:
@@ -97,7 +95,7 @@ def _list(custom, namespace: str, all_namespaces: bool) -> int:
     return 0
 
 
-def _status(custom, namespace: str, name: str) -> int:
+def _status(console: Console, custom, namespace: str, name: str) -> int:
     job = custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
     row = job_row(job)
     status = job.get("status") or {}
@@ -152,5 +150,7 @@ def _logs(core, namespace: str, args) -> int:
             sys.stdout.write(chunk.decode(errors="replace"))
             sys.stdout.flush()
         return 0
-    sys.stdout.write(core.read_namespaced_pod_log(pod, namespace, **kwargs))
+    # Raw bytes: the client would otherwise guess the body's type from its content-type.
+    response = core.read_namespaced_pod_log(pod, namespace, _preload_content=False, **kwargs)
+    sys.stdout.write(response.data.decode(errors="replace"))
     return 0

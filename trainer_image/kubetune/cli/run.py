@@ -215,6 +215,15 @@ def _apply(event: dict, result: TrainResult, progress: Progress, task) -> None:
 # after training: merge, curves, summary
 
 
+def prepare_base_model(job: FineTuneJob, base_dir: Path, endpoint: Optional[str]) -> Path:
+    """Download / dequantize the base model once, in this process, before the ranks start:
+    one visible step instead of N processes waiting on each other's conversion."""
+    from ..model_source import default_cache_dir, materialize_model
+
+    with console.status(f"preparing the base model {job.spec.model.uri}" + (f" ({job.spec.model.gguf_file}, dequantized once)" if job.spec.model.gguf_file else "")):
+        return materialize_model(job.spec.model, default_cache_dir(), base_dir=base_dir, endpoint=endpoint)
+
+
 def merge(job_file: Path, base_dir: Path, env: dict[str, str], log_path: Path) -> float:
     started = time.monotonic()
     with console.status("merging the LoRA adapter into the base model"), open(log_path, "a") as log:
@@ -282,8 +291,9 @@ def summary_table(job: FineTuneJob, result: TrainResult, layout: JobLayout, extr
         "resumed from": result.resumed_from,
         "training time": f"{result.seconds:.0f} s",
     }
+    shown = {"job", "world_size", "trainable_params", "total_params", "total_steps", "step"}
     for key, value in (result.done.get("summary") or {}).items():
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        if key not in shown and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             rows[key.replace("_", " ")] = f"{value:.4g}" if isinstance(value, float) else value
     outputs = result.done.get("outputs") or {}
     rows["adapter"] = outputs.get("adapter") or (str(layout.adapter) if layout.adapter else None)
@@ -407,6 +417,11 @@ def run_command(args) -> int:
         env = child_env(nproc, extra_env)
         layout = job_layout(job, base_dir)
         console.print(f"[bold]{job.metadata.name}[/]: {job.spec.method.type} on {nproc} process(es); logs in {workdir / 'train.log'}")
+        try:
+            prepare_base_model(job, base_dir, endpoint)
+        except (OSError, ValueError) as err:
+            console.print(f"[red]spec.model: {err}[/]")
+            return exitcodes.INVALID_INPUT
         result = train(trainer_command(job_file, base_dir, nproc), env, workdir / "train.log", args.verbose)
         if result.preempted:
             console.print(
