@@ -1,0 +1,68 @@
+"""Smoke test of the benchmarks at tiny sizes: they run against the real components, report
+their figures under the documented keys, and give a ratio only when the work was equal.
+No timing is asserted (speed figures come from `make bench`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import gpu, run_cpu, zero_memory
+from bench.common import MEMORY_SHAPE, equal_work, job_document, ratio, same, write_jsonl
+
+
+def test_unequal_work_gets_no_ratio():
+    work = equal_work(tokens=same(1000, 1100, tolerance=0.03), steps=same(4, 4))
+    assert work["ok"] is False and work["checks"]["tokens"]["equal"] is False
+    assert ratio(200.0, 100.0, work) is None
+    assert ratio(200.0, 100.0, equal_work(steps=same(4, 4))) == 2.0
+    assert ratio(1.0, 4.0, equal_work(steps=same(4, 4)), higher_is_better=False) == 4.0
+
+
+@pytest.mark.slow
+def test_quick_cpu_benchmarks_report_equal_work_and_ratios(tmp_path):
+    results = run_cpu.run_all(["trainer_throughput", "operator_scale"], tmp_path / "work", quick=True)
+    for key in ("cpu_model", "cpu_cores", "memory_bytes", "python", "torch", "deepspeed", "date"):
+        assert results["machine"][key], key
+
+    trainer = results["trainer_throughput"]
+    assert "error" not in trainer, trainer.get("error")
+    assert trainer["equal_work"]["ok"], json.dumps(trainer["equal_work"])
+    assert set(trainer["equal_work"]["checks"]) >= {"samples", "non_padding_tokens", "model_params"}
+    assert trainer["ratio"] > 0 and trainer["goal"]["met"] in (True, False)
+    assert trainer["kubetune_packed"]["steps"] < trainer["baseline"]["steps"]  # packing fills rows
+    dynamic = trainer["kubetune_dynamic_padding"]
+    assert dynamic["equal_work"]["checks"]["steps"]["equal"] and dynamic["ratio"] > 0
+
+    operator = results["operator_scale"]
+    assert "error" not in operator, operator.get("error")
+    assert operator["equal_work"]["ok"] and operator["operator"]["jobs_complete"] == operator["jobs"]
+    assert operator["floor"]["requests_per_job"] == 1 + operator["children_per_job"]
+    assert operator["operator"]["api_requests"] > 0 and operator["operator"]["operator_peak_rss_bytes"] > 0
+    assert operator["ratio"] > 0
+
+    table = run_cpu.markdown(results)
+    assert "| trainer_throughput |" in table and "| operator_scale |" in table
+
+
+def test_zero_memory_planner_figures_and_gpu_dry_run(tmp_path):
+    from transformers import LlamaConfig
+
+    # The full-size benchmark model's config (no weights needed by the planner).
+    config = LlamaConfig(vocab_size=516, **MEMORY_SHAPE).to_dict()
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "response": "a"}])
+    cfg = zero_memory.settings(quick=False)
+    figures = {}
+    for name, zero in zero_memory.CONFIGS.items():
+        doc = job_document("z", tmp_path / "model", data, training=zero_memory.training_block(cfg), distributed={"nodes": 1, "gpusPerNode": 2, "zero": zero})
+        figures[name] = zero_memory.planner_per_rank(doc, config)["cpu_rank_bytes"]
+    # Partitioning shrinks a rank; on CPU, offload only moves states within the same RAM.
+    assert all(figures[name] < figures["ddp"] for name in ("zero2", "zero3", "zero3_offload")), figures
+
+    plan = gpu.dry_run(gpu.all_configs("1b-"), tmp_path / "gpu", gpus=1, steps=5, gpu_bytes=80 * 1024**3)
+    assert set(plan) == {c.name for c in gpu.all_configs("1b-")}
+    for name, entry in plan.items():
+        assert entry["planner"]["per_gpu_bytes"] > 0 and entry["flops_per_token_at_512"] > 0
+        assert entry.get("deepspeed_zero", {}).get("stage") in (2, 3) or "skipped" in entry, name
+    assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and gpu.peak_tflops("Unknown GPU") is None
