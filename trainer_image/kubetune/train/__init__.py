@@ -1,0 +1,1 @@
+"""The training program: `kubetune-train --job JOB.yaml` (main.py)."""

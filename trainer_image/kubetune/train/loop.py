@@ -1,0 +1,386 @@
+"""One training run: data -> model -> DeepSpeed engine -> steps -> checkpoints -> export.
+
+Order matters for users: the job and the data are validated before the model is fetched,
+and the tokenizer (chat template, lengths) is checked before the weights are loaded, so bad
+input fails in seconds with exit code 64 instead of after a long download.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import exitcodes
+from ..checkpoint import CheckpointManager, RetryPolicy, with_retry
+from ..data.batching import BatchPlan, collate, model_inputs, rows_from_samples, total_steps
+from ..data.loader import DataError, load_datasets
+from ..data.tokenize import LengthLimits, tokenize_examples
+from ..layout import JobLayout, job_layout
+from ..model_source import default_cache_dir, materialize_model
+from ..progress import Progress, utc_now
+from ..spec import FineTuneJob
+from ..storage import fetch, open_store
+from .deepspeed_config import ADAM_BETAS, ADAM_EPS, build_deepspeed_config, uses_client_optimizer
+from .events import emit
+from .metrics import TrainMetrics
+from .schedule import scheduler_factory
+
+log = logging.getLogger("kubetune.train")
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: Any
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """One process group for every launch: torchrun's environment, or a single plain process."""
+    import deepspeed
+    import torch
+
+    if "RANK" not in os.environ:
+        from ..testing import free_port
+
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+class Preemption:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, all ranks agree, then it saves."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("received %s: finishing the current step, then saving a checkpoint", signal.Signals(signum).name)
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+@dataclass
+class RunState:
+    """What a checkpoint must carry besides the engine (the CheckpointManager's client_state)."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_batch: int = 0  # micro batches of this epoch already consumed (same count on every rank)
+    tokens_seen: int = 0
+    losses: list = field(default_factory=list)  # [step, loss] at each log step
+    validation_losses: list = field(default_factory=list)  # [step, loss]
+
+
+class StatusWriter:
+    """progress.json, metrics.jsonl and summary.json from rank 0, through the job's stores."""
+
+    def __init__(self, job: FineTuneJob, layout: JobLayout, world_size: int, enabled: bool):
+        self.enabled = enabled
+        self.endpoint = job.spec.storage.endpoint
+        self.layout = layout
+        self.retry = RetryPolicy.from_env()
+        self.progress = Progress(world_size=world_size)
+        self.metrics_lines: list[str] = []
+
+    def _put(self, store_uri, key: str, data: bytes) -> None:
+        if self.enabled:
+            store = open_store(store_uri, endpoint=self.endpoint)
+            with_retry(self.retry, f"writing {store_uri}/{key}", store.put_bytes, key, data)
+
+    def update(self, **fields) -> None:
+        for key, value in fields.items():
+            setattr(self.progress, key, value)
+        self.progress.updated_at = ""
+        self._put(self.layout.checkpoints, "progress.json", self.progress.to_json())
+
+    def flush_metrics(self) -> None:
+        if self.metrics_lines:
+            self._put(self.layout.output, "metrics.jsonl", "".join(self.metrics_lines).encode())
+
+    def summary(self, summary: dict) -> None:
+        import json
+
+        self._put(self.layout.output, "summary.json", json.dumps(summary, indent=2, sort_keys=True).encode())
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def _grad_norm(model) -> float:
+    """L2 norm of all gradients (already averaged across ranks at the accumulation boundary)."""
+    import torch
+
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in model_inputs(batch).items()}
+
+
+def _reduce(values: list[float], device, average_over: int = 1) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return [v / average_over for v in tensor.tolist()]
+
+
+def run(job: FineTuneJob, base_dir: Optional[Path]) -> int:
+    """Train the job; returns the process exit code (0 or PREEMPTED). Raises on bad input."""
+    import torch
+
+    from ..model.loader import load_model, load_tokenizer, resolve_precision
+    from ..model.methods import apply_method, check_method_runtime, count_parameters, quantization_config
+
+    spec = job.spec
+    layout = job_layout(job, base_dir)
+    check_method_runtime(spec)
+    dist_info = init_distributed()
+    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
+    preemption = Preemption()
+    status = StatusWriter(job, layout, world, enabled=dist_info.main)
+    status.update(phase="starting")
+    endpoint = spec.storage.endpoint
+    cache_dir = Path(os.environ.get("KUBETUNE_CACHE_DIR") or default_cache_dir())
+    work = Path(tempfile.mkdtemp(prefix=f"kubetune-rank{rank}-"))
+
+    # 1. Data, validated before any model file is touched.
+    examples, val_examples = load_datasets(spec.dataset, spec.training.seed, work / "data", base_dir, endpoint)
+
+    # 2. Model files and tokenizer; lengths and template checked before the weights load.
+    status.update(phase="loading")
+    model_dir = materialize_model(spec.model, cache_dir, base_dir, endpoint)
+    tokenizer = load_tokenizer(model_dir, spec)
+    t = spec.training
+    limits = LengthLimits(t.max_length, t.max_source_length, t.max_target_length)
+    plain = spec.dataset.format == "text"
+    samples, stats = tokenize_examples(tokenizer, examples, limits, plain)
+    if not samples:
+        raise DataError(
+            f"no training sample has an answer token left after truncation to training.maxLength {t.max_length} "
+            f"(first: {stats.dropped_sources[0]}); raise training.maxLength or shorten the prompts"
+        )
+    val_samples, _ = tokenize_examples(tokenizer, val_examples, limits, plain)
+    if stats.dropped or stats.truncated:
+        log.warning("%d samples truncated, %d dropped (no answer token left): first dropped %s", stats.truncated, stats.dropped, stats.dropped_sources[:3])
+    rows = rows_from_samples(samples, t.max_length, t.packing, t.seed)
+    val_rows = rows_from_samples(val_samples, t.max_length, t.packing, t.seed)
+    plan = BatchPlan(len(rows), t.micro_batch_size, t.gradient_accumulation_steps, world)
+    steps = total_steps(plan, t.epochs, t.max_steps)
+
+    # 3. Weights and method.
+    precision = resolve_precision(t.precision)
+    torch.manual_seed(t.seed)
+    model = load_model(model_dir, spec, precision, quantization_config(spec))
+    adapter_dir = fetch(spec.method.adapter_uri, work / "adapter", base_dir, endpoint) if spec.method.adapter_uri else None
+    model = apply_method(model, spec, model_dir, adapter_dir)
+    trainable, total = count_parameters(model)
+    log.info("trainable parameters: %s of %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(1, total))
+
+    # 4. DeepSpeed engine (always; stage 0 is plain data parallel).
+    import deepspeed
+
+    ds_config = build_deepspeed_config(spec, world, precision, on_gpu=device.type == "cuda")
+    groups = _param_groups(model, t.weight_decay)
+    optimizer = None
+    if uses_client_optimizer(ds_config):
+        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=groups,
+        optimizer=optimizer,
+        lr_scheduler=scheduler_factory(steps, t.warmup_ratio, t.lr_scheduler),
+        config=ds_config,
+    )
+
+    # 5. Resume from the newest complete checkpoint.
+    manager = CheckpointManager(
+        layout.checkpoints,
+        keep=spec.checkpoint.keep,
+        local_dir=Path(os.environ.get("KUBETUNE_CHECKPOINT_LOCAL_DIR") or cache_dir / "checkpoint-staging" / job.metadata.name),
+        rank=rank,
+        world_size=world,
+        endpoint=endpoint,
+    )
+    state = RunState()
+    client_state = manager.resume(engine)
+    if client_state is not None:
+        state = RunState(**{k: v for k, v in client_state.items() if k in RunState.__dataclass_fields__})
+
+    metrics = TrainMetrics(job.metadata.name)
+    if dist_info.main:
+        metrics.serve()
+        emit("start", total_steps=steps, world_size=world, trainable_params=trainable, total_params=total,
+             train_samples=len(samples), validation_samples=len(val_samples), rows=len(rows), precision=precision,
+             zero_stage=spec.distributed.zero.stage)
+        if client_state is not None:
+            emit("resume", **{"from": manager.loaded, "step": state.step})
+    status.update(phase="training", step=state.step, total_steps=steps)
+
+    def save(final: bool = False) -> str:
+        status.update(phase="saving")
+        started = time.monotonic()
+        name = manager.save(engine, state.step, asdict(state))
+        seconds = time.monotonic() - started
+        if dist_info.main:
+            metrics.observe_checkpoint(seconds, time.time())
+            emit("checkpoint", step=state.step, name=name, seconds=round(seconds, 3))
+            status.flush_metrics()
+        status.update(phase="saving" if final else "training", last_checkpoint=name,
+                      last_checkpoint_uri=str(layout.checkpoints.join(name)), last_checkpoint_time=utc_now())
+        return name
+
+    def evaluate() -> None:
+        if not val_rows:
+            return
+        from ..evaluate import generation_metrics, validation_loss
+
+        synced = engine.zero_optimization_partition_weights() and world > 1
+        loss = validation_loss(engine.module, val_rows, tokenizer.pad_token_id, t.micro_batch_size, rank, world, device)
+        record = {"step": state.step, "validation_loss": loss}
+        if t.eval.generate and not plain:
+            record.update(generation_metrics(engine.module, tokenizer, val_examples, t.eval.max_samples, t.eval.max_new_tokens, rank, world, synced, device))
+        state.validation_losses.append([state.step, loss])
+        if dist_info.main:
+            metrics.observe_eval(loss)
+            emit("eval", **record)
+            status.metrics_lines.append(json.dumps({"event": "eval", **record}) + "\n")
+
+    # 6. The loop.
+    started = time.monotonic()
+    window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.monotonic()
+    steps_at_start = state.step
+    engine.train()
+    while state.step < steps:
+        batches = plan.micro_batches(t.seed, state.epoch, spec.dataset.shuffle, rank)
+        while state.micro_batch < len(batches) and state.step < steps:
+            batch = collate([rows[i] for i in batches[state.micro_batch]], tokenizer.pad_token_id)
+            loss = engine(**_to_device(batch, device)).loss
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            logging_step = boundary and ((state.step + 1) % t.log_every_steps == 0 or state.step + 1 == steps)
+            # Without ZeRO, DeepSpeed clips fp32 gradients without keeping the norm: measure it here.
+            own_norm = _grad_norm(engine.module) if logging_step and engine.zero_optimization_stage() == 0 else None
+            engine.step()
+            state.micro_batch += 1
+            window_loss += float(loss.detach())
+            window_micro += 1
+            window_tokens += batch["num_tokens"]
+            if not boundary:
+                continue
+            state.step += 1
+            epoch_progress = state.epoch + state.micro_batch / len(batches)
+            if state.step % t.log_every_steps == 0 or state.step == steps:
+                mean_loss, tokens = _reduce([window_loss / max(1, window_micro), window_tokens], device)
+                mean_loss /= world
+                elapsed = time.monotonic() - window_start
+                grad_norm = engine.get_global_grad_norm()
+                grad_norm = own_norm if grad_norm is None else grad_norm
+                done_here = state.step - steps_at_start
+                eta = (time.monotonic() - started) / done_here * (steps - state.step)
+                state.tokens_seen += int(tokens)
+                record = dict(step=state.step, total_steps=steps, epoch=round(epoch_progress, 4), loss=mean_loss,
+                              learning_rate=engine.get_lr()[0], grad_norm=None if grad_norm is None else float(grad_norm),
+                              tokens_per_second=tokens / elapsed if elapsed > 0 else None, eta_seconds=round(eta, 1))
+                state.losses.append([state.step, mean_loss])
+                if dist_info.main:
+                    emit("step", **record)
+                    metrics.observe_step(record, int(tokens))
+                    status.metrics_lines.append(json.dumps({"event": "step", **record}) + "\n")
+                status.update(step=state.step, epoch=record["epoch"], loss=mean_loss, learning_rate=record["learning_rate"],
+                              tokens_per_second=record["tokens_per_second"], eta_seconds=record["eta_seconds"])
+                window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.monotonic()
+            if t.eval.every_steps and state.step % t.eval.every_steps == 0:
+                evaluate()
+            if preemption.agreed(device):
+                save()
+                if dist_info.main:
+                    emit("preempted", step=state.step)
+                metrics.close()
+                return exitcodes.PREEMPTED
+            if state.step % spec.checkpoint.every_steps == 0 and state.step < steps:
+                save()
+        if state.micro_batch >= len(batches):
+            if not t.eval.every_steps:
+                evaluate()
+            state.epoch += 1
+            state.micro_batch = 0
+
+    # 7. Final checkpoint, export, summary.
+    if manager.loaded is None or state.step > steps_at_start:
+        save(final=True)
+    if not state.validation_losses or state.validation_losses[-1][0] != state.step:
+        evaluate()
+    status.update(phase="exporting")
+    from ..export import save_trained
+
+    outputs = save_trained(engine, engine.module, tokenizer, job, layout, model_dir)
+    runtime = time.monotonic() - started
+    summary = {
+        "job": job.metadata.name,
+        "method": spec.method.type,
+        "steps": state.step,
+        "total_steps": steps,
+        "epochs": round(state.epoch + state.micro_batch / (plan.steps_per_epoch * t.gradient_accumulation_steps), 4),
+        "world_size": world,
+        "runtime_seconds": round(runtime, 3),
+        "tokens_seen": state.tokens_seen,
+        "first_loss": state.losses[0][1] if state.losses else None,
+        "final_loss": state.losses[-1][1] if state.losses else None,
+        "losses": state.losses,
+        "validation_losses": state.validation_losses,
+        "final_validation_loss": state.validation_losses[-1][1] if state.validation_losses else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_samples": len(samples),
+        "validation_samples": len(val_samples),
+        "truncated_samples": stats.truncated,
+        "dropped_samples": stats.dropped,
+        "outputs": outputs,
+    }
+    if dist_info.main:
+        status.flush_metrics()
+        status.summary(summary)
+    status.update(phase="done", outputs=outputs)
+    if dist_info.main:
+        emit("done", step=state.step, outputs=outputs, summary={k: v for k, v in summary.items() if k not in ("losses", "validation_losses")})
+    metrics.close()
+    return exitcodes.OK

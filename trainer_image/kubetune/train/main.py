@@ -1,0 +1,73 @@
+"""`kubetune-train --job JOB.yaml [--base-dir DIR] [--merge]`: what every training pod runs.
+
+Runs alone (world size 1) or under torchrun. Exit codes (kubetune.exitcodes): 0 done,
+64 invalid spec or data (message on stderr, no point retrying), 74 storage failed after
+retries, 75 preempted after committing a checkpoint. Rank 0 prints JSON lines on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .. import exitcodes
+from ..spec import SpecError, load_job
+from ..storage import StorageError
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="kubetune-train", description="Fine-tune a model as a FineTuneJob describes.")
+    parser.add_argument("--job", required=True, help="FineTuneJob YAML/JSON file")
+    parser.add_argument("--base-dir", help="folder relative paths in the job are resolved against (default: the job file's folder)")
+    parser.add_argument("--merge", action="store_true", help="merge OUTPUT/adapter into the base model as OUTPUT/model, then exit")
+    return parser.parse_args(argv)
+
+
+def invalid_input_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean the job or its data is wrong: retrying cannot help."""
+    from ..checkpoint import WorldSizeMismatch
+    from ..data.loader import DataError
+    from ..data.tokenize import TemplateError
+    from ..layout import LayoutError
+    from ..model.methods import MethodError
+    from ..uri import UriError
+
+    return (SpecError, DataError, TemplateError, LayoutError, MethodError, UriError, WorldSizeMismatch)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from .events import capture_stdout
+
+    capture_stdout()
+    logging.basicConfig(
+        level=os.environ.get("KUBETUNE_LOG_LEVEL", "INFO"),
+        stream=sys.stderr,
+        format=f"%(asctime)s rank{os.environ.get('RANK', '0')} %(levelname)s %(name)s: %(message)s",
+    )
+    args = parse_args(argv)
+    base_dir = Path(args.base_dir) if args.base_dir else Path(args.job).resolve().parent
+    try:
+        job = load_job(args.job)
+        if args.merge:
+            from ..export import run_merge
+            from .events import emit
+
+            emit("done", step=None, outputs=run_merge(job, base_dir), summary={"merged": True})
+            return exitcodes.OK
+        from .loop import run
+
+        return run(job, base_dir)
+    except invalid_input_errors() as err:
+        print(f"kubetune-train: {err}", file=sys.stderr)
+        return exitcodes.INVALID_INPUT
+    except StorageError as err:
+        print(f"kubetune-train: storage failed: {err}", file=sys.stderr)
+        return exitcodes.STORAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
