@@ -3,6 +3,8 @@ requests join a running batch, each row keeps its own settings, the queue is bou
 
 from __future__ import annotations
 
+import queue
+
 import pytest
 from serve_helpers import reference_ids
 
@@ -29,8 +31,11 @@ def _drain(engine, handles):
     while any(len(done[id(h)]) < h.n for h in handles):
         engine.step()
         for h in handles:
-            while not h._events.empty():
-                event = h.next_event_blocking(0)
+            while True:
+                try:
+                    event = h.next_event_blocking(timeout=0)
+                except queue.Empty:
+                    break
                 if isinstance(event, Finished):
                     done[id(h)][event.index] = event.token_ids
     return [[done[id(h)][i] for i in range(h.n)] for h in handles]

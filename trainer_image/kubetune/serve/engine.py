@@ -72,32 +72,50 @@ class Output:
 
 
 class RequestHandle:
-    """The caller's side of a submitted request: its events, and a way to cancel it."""
+    """The caller's side of a submitted request: its events, and a way to cancel it.
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, n: int, loop: Optional[asyncio.AbstractEventLoop]):
+    The worker collects a request's events during a step and hands them over once per step,
+    so a busy batch wakes each caller's event loop at most once per token.
+    """
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, n: int, loop: Optional[asyncio.AbstractEventLoop], stream: bool = True):
         self.prompt_ids = prompt_ids
         self.params = params
         self.n = n
+        self.stream = stream  # False: the text is decoded once at the end, no per-token pieces
         self.submitted = time.monotonic()
         self.cancelled = False
         self._first_token_seen = False
         self._loop = loop
+        self._outbox: list[Event] = []
+        self._inbox: deque[Event] = deque()
         self._events: Union[asyncio.Queue, queue.Queue] = asyncio.Queue() if loop is not None else queue.Queue()
 
-    def push(self, event: Event) -> None:
+    def emit(self, event: Event) -> None:
+        self._outbox.append(event)
+
+    def flush(self) -> None:
+        if not self._outbox:
+            return
+        events, self._outbox = self._outbox, []
         if self._loop is None:
-            self._events.put(event)
+            self._events.put(events)
             return
         try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+            self._loop.call_soon_threadsafe(self._events.put_nowait, events)
         except RuntimeError:  # the caller's event loop is gone
             self.cancelled = True
 
     async def next_event(self) -> Event:
-        return await self._events.get()
+        if not self._inbox:
+            self._inbox.extend(await self._events.get())
+        return self._inbox.popleft()
 
     def next_event_blocking(self, timeout: Optional[float] = None) -> Event:
-        return self._events.get(timeout=timeout)
+        """The next event; raises queue.Empty when none arrives within `timeout` seconds."""
+        if not self._inbox:
+            self._inbox.extend(self._events.get(timeout=timeout))
+        return self._inbox.popleft()
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -113,29 +131,32 @@ class _Row:
         self.prompt_len = len(handle.prompt_ids)
         self.history = list(handle.prompt_ids)  # prompt + generated: what penalties look at
         self.generated: list[int] = []
-        self.text = IncrementalText(tokenizer, handle.params.stop)
+        # Pieces are needed to stream and to spot stop strings; otherwise one decode at the end.
+        self.text = IncrementalText(tokenizer, handle.params.stop) if handle.stream or handle.params.stop else None
+        self.tokenizer = tokenizer
         self.generator = generator
         self.done = False
 
     def accept(self, token: int, eos_ids: frozenset[int], context_length: int) -> None:
-        if token in eos_ids:
+        if token in eos_ids and not self.params.ignore_eos:
             self._finish("stop")
             return
         self.generated.append(token)
         self.history.append(token)
-        piece = self.text.add(token)
-        if piece:
-            self.handle.push(Delta(self.index, piece))
-        if self.text.stopped:
+        if self.text is not None:
+            piece = self.text.add(token)
+            if piece:
+                self.handle.emit(Delta(self.index, piece))
+        if self.text is not None and self.text.stopped:
             self._finish("stop")
         elif len(self.generated) >= self.params.max_tokens or self.prompt_len + len(self.generated) >= context_length:
             self._finish("length")
 
     def _finish(self, reason: str) -> None:
-        tail = self.text.finish()
+        tail = self.text.finish() if self.text is not None else self.tokenizer.decode(self.generated, skip_special_tokens=True)
         if tail:
-            self.handle.push(Delta(self.index, tail))
-        self.handle.push(Finished(self.index, reason, list(self.generated)))
+            self.handle.emit(Delta(self.index, tail))
+        self.handle.emit(Finished(self.index, reason, list(self.generated)))
         self.done = True
 
 
@@ -240,7 +261,7 @@ class Engine:
         self._thread = threading.Thread(target=self._work, name="kubetune-serve-model", daemon=True)
         self._thread.start()
         prompt = warmup_prompt or self.tokenizer.encode("Hello", add_special_tokens=True) or [self.pad_id]
-        warmup = RequestHandle(list(prompt), SamplingParams(max_tokens=1), 1, None)
+        warmup = RequestHandle(list(prompt), SamplingParams(max_tokens=1), 1, None, stream=False)
         self._enqueue(warmup, bounded=False)
         while not isinstance(event := warmup.next_event_blocking(timeout=600), (Finished, Failed)):
             pass
@@ -260,7 +281,9 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self._pending)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, n: int = 1, loop: Optional[asyncio.AbstractEventLoop] = None) -> RequestHandle:
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, n: int = 1, loop: Optional[asyncio.AbstractEventLoop] = None, stream: bool = True
+    ) -> RequestHandle:
         """Queue a request; raises QueueFull when `max_queue` requests are already waiting."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -268,7 +291,7 @@ class Engine:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.context_length}")
         if n < 1 or n > self.max_batch:
             raise ValueError(f"n must be between 1 and {self.max_batch} (the server's --max-batch)")
-        handle = RequestHandle(list(prompt_ids), params, n, loop)
+        handle = RequestHandle(list(prompt_ids), params, n, loop, stream)
         self._enqueue(handle, bounded=True)
         return handle
 
@@ -284,7 +307,7 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, n: int = 1, timeout: Optional[float] = 300) -> list[Output]:
         """Blocking convenience: submit and collect all n outputs."""
-        handle = self.submit(prompt_ids, params, n)
+        handle = self.submit(prompt_ids, params, n, stream=False)
         texts = [""] * n
         outputs: list[Optional[Output]] = [None] * n
         while any(o is None for o in outputs):
@@ -436,6 +459,8 @@ class Engine:
         for row, token in zip(rows, tokens):
             self._note_first_token(row.handle, now)
             row.accept(token, self.eos_ids, self.context_length)
+        for handle in {id(row.handle): row.handle for row in rows}.values():
+            handle.flush()
         self.metrics.record_tokens(len(rows))
         batch.keep([i for i, row in enumerate(rows) if not row.done])
 
@@ -455,6 +480,7 @@ class Engine:
             repetition_penalty=p.repetition_penalty,
             no_repeat_ngram_size=p.no_repeat_ngram_size,
             eos_token_id=sorted(self.eos_ids) or None,
+            min_new_tokens=p.max_tokens if p.ignore_eos else None,
             pad_token_id=self.pad_id,
         )
         if p.greedy:
@@ -476,6 +502,7 @@ class Engine:
             if not row.done:
                 row._finish("length")
             self.metrics.record_tokens(len(row.generated))
+        handle.flush()
 
     def _fail(self, admitted: list[RequestHandle], message: str) -> None:
         handles = {id(h): h for h in admitted}
@@ -483,4 +510,5 @@ class Engine:
             handles.update((id(r.handle), r.handle) for r in self._batch.rows)
             self._batch = None
         for handle in handles.values():
-            handle.push(Failed(message))
+            handle.emit(Failed(message))
+            handle.flush()

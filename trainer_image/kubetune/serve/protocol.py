@@ -53,6 +53,7 @@ class _Request(BaseModel):
     repetition_penalty: Optional[float] = Field(None, gt=0.0)
     no_repeat_ngram_size: Optional[int] = Field(None, ge=0)
     num_beams: Optional[int] = Field(None, ge=1, le=64)
+    ignore_eos: bool = False
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -105,6 +106,7 @@ class _Request(BaseModel):
             num_beams=self.num_beams if self.num_beams is not None else defaults.num_beams,
             seed=self.seed,
             stop=tuple(self.stop),
+            ignore_eos=self.ignore_eos,
         )
 
     @property

@@ -24,6 +24,7 @@ class SamplingParams:
     num_beams: int = 1
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks), as vLLM's ignore_eos
 
     @property
     def greedy(self) -> bool:

@@ -138,7 +138,7 @@ def _submit(state: ServerState, engine: Engine, req, prompts: list[list[int]], p
             if params.num_beams > 1 and req.n > params.num_beams:
                 raise APIError(400, f"n ({req.n}) must not exceed num_beams ({params.num_beams})", param="n")
             try:
-                handles.append(engine.submit(ids, params, req.n, loop))
+                handles.append(engine.submit(ids, params, req.n, loop, stream=req.stream))
             except QueueFull as err:
                 raise APIError(429, str(err), type="rate_limit_error", code="queue_full") from None
             except EngineStopped as err:
