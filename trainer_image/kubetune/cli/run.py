@@ -220,6 +220,7 @@ def prepare_base_model(job: FineTuneJob, base_dir: Path, endpoint: Optional[str]
     one visible step instead of N processes waiting on each other's conversion."""
     from ..model_source import default_cache_dir, materialize_model
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' conversion bars; the spinner says what happens
     with console.status(f"preparing the base model {job.spec.model.uri}" + (f" ({job.spec.model.gguf_file}, dequantized once)" if job.spec.model.gguf_file else "")):
         return materialize_model(job.spec.model, default_cache_dir(), base_dir=base_dir, endpoint=endpoint)
 
