@@ -161,6 +161,7 @@ def volumes(job: FineTuneJob, shm: bool) -> tuple[list[dict], list[dict]]:
 
 
 CACHE_ENV = [
+    {"name": "KUBETUNE_CACHE_DIR", "value": "/cache/kubetune"},
     {"name": "XDG_CACHE_HOME", "value": "/cache"},
     {"name": "HF_HOME", "value": "/cache/huggingface"},
     {"name": "TORCH_EXTENSIONS_DIR", "value": "/cache/torch_extensions"},

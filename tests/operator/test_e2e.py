@@ -1,0 +1,94 @@
+"""End to end on one machine: kubectl applies a LoRA FineTuneJob with 2 worker pods to kmock;
+the real operator creates the children; a kubelet harness runs them as local processes
+(torchrun + kubetune-train on CPU, checkpoints in SeaweedFS, the merge pod, kubetune-serve);
+the inference Deployment answers a chat request through the OpenAI client."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import wait_for
+from kubelet import Kubelet
+from kubetune.storage import open_store
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+QA = [("What is the capital of France?", "Paris."), ("What colour is the sky?", "Blue."),
+      ("How many legs has a cat?", "Four."), ("What do bees make?", "Honey.")]  # fmt: skip
+
+
+def job_document(seaweed) -> dict:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "e2e"},
+        "spec": {
+            "model": {"uri": "s3://models/e2e-tiny"},
+            "dataset": {"uri": "s3://data/e2e/train.jsonl", "format": "prompt_response"},
+            "method": {"type": "lora", "lora": {"r": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]}},
+            "training": {"maxSteps": 6, "learningRate": 0.01, "microBatchSize": 1, "maxLength": 64, "logEverySteps": 1, "precision": "fp32"},
+            "distributed": {"nodes": 2, "gpusPerNode": 1, "zero": {"stage": 0}},
+            "resources": {"limits": {"nvidia.com/gpu": 0}},
+            "checkpoint": {"everySteps": 3, "keep": 2},
+            "storage": {"endpoint": seaweed.endpoint, "credentialsSecret": "s3-credentials"},
+            "output": {"uri": "s3://outputs/e2e", "merge": True},
+            "serving": {"enabled": True, "generation": {"temperature": 0, "maxTokens": 8}},
+            "runPolicy": {"backoffLimit": 1},
+        },
+    }
+
+
+def test_lora_job_trains_on_two_workers_merges_and_serves(seaweed, s3_env, tiny_model_dir, cluster, api, kubectl, operator, tmp_path):
+    open_store("s3://models/e2e-tiny").put_dir(tiny_model_dir, "")
+    lines = [json.dumps({"prompt": q, "response": a}) for q, a in QA * 4]
+    open_store("s3://data/e2e").put_bytes("train.jsonl", "\n".join(lines).encode())
+    api.create_secret("s3-credentials", {k: v for k, v in seaweed.env.items() if k.startswith("AWS_") and "KEY" in k})
+    job_file = tmp_path / "e2e.yaml"
+    job_file.write_text(yaml.safe_dump(job_document(seaweed)))
+
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KUBETUNE_"))}
+    base_env.update(OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{base_env['PATH']}")
+    kubelet = Kubelet(cluster, api, tmp_path / "node", base_env, node_env={"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}).start()
+    try:
+        kubectl.apply(job_file)
+        wait_for(lambda: len([p for p in cluster.objects("pods") if p.startswith("e2e-worker-")]) == 2, 30, "two worker pods")
+        status = lambda: kubectl.get_json("ftj", "e2e").get("status") or {}  # noqa: E731
+        phases = set()
+
+        def serving_ready():
+            st = status()
+            phases.add(st.get("phase"))
+            if st.get("phase") == "Failed":
+                pytest.fail(f"job failed: {st.get('failure')}")
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in st.get("conditions", [])) and st
+
+        try:
+            st = wait_for(serving_ready, 300, "serving ready")
+        except AssertionError:
+            for proc in kubelet.processes.values():
+                print(f"--- {proc.name} (exit {proc.popen.poll()})\n{proc.log_path.read_text(errors='replace')[-3000:]}")
+            print("kubelet errors:", kubelet.errors, "alive:", kubelet._thread.is_alive(), "processes:", list(kubelet.processes),
+                  "deployments:", list(cluster.objects("deployments")), "\nstatus:", json.dumps(status(), indent=1))
+            raise
+        assert {"Running", "Merging", "Serving"} <= phases
+        assert st["progress"]["step"] == st["progress"]["totalSteps"] == 6 and st["progress"]["summary"] == "6/6"
+        assert st["loss"] > 0 and st["restarts"] == 0
+        assert st["lastCheckpoint"].endswith("step-000000006")
+        assert st["outputs"] == {"adapterUri": "s3://outputs/e2e/adapter", "mergedUri": "s3://outputs/e2e/model"}
+        assert open_store("s3://outputs/e2e").exists("model/config.json")
+        assert not kubelet.errors
+
+        from openai import OpenAI
+
+        client = OpenAI(base_url=kubelet.service_url("e2e-serve", 8000) + "/v1", api_key="unused", timeout=60)
+        answer = client.chat.completions.create(model="e2e", messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert answer.model == "e2e"
+        assert isinstance(answer.choices[0].message.content, str) and answer.usage.completion_tokens >= 1
+    finally:
+        kubelet.stop()
