@@ -110,19 +110,6 @@ def model_config(model_dir: Path) -> dict[str, Any]:
     return json.loads((model_dir / "config.json").read_text())
 
 
-def parameter_count(config: dict[str, Any]) -> int:
-    """Parameters of a Llama-architecture model from its config (no weights needed)."""
-    h, i, layers, vocab = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or h // heads
-    attention = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2
-    mlp = 3 * h * i
-    norms = 2 * h
-    embeddings = vocab * h * (1 if config.get("tie_word_embeddings") else 2)
-    return layers * (attention + mlp + norms) + h + embeddings
-
-
 _WORDS = (
     "the model adapts a pretrained language task data cluster node pod train step loss "
     "answer question capital france paris fox dog quick brown lazy jumps kubernetes "

@@ -32,7 +32,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any, Optional
 
-from bench.common import RESULTS_DIR, chat_records, job_document, machine, rounded, run_trainer, write_job, write_jsonl
+from bench.common import REPO, RESULTS_DIR, chat_records, job_document, machine, rounded, run_trainer, write_job, write_jsonl
 
 # Llama 3.2 1B and Llama 2 7B shapes.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -265,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--gpus", type=int, help="processes (default: every visible GPU; 8 for --dry-run)")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak per GPU when the name is not known")
-    parser.add_argument("--workdir", type=Path, default=Path("bench-gpu-work"))
+    parser.add_argument("--workdir", type=Path, default=REPO / ".cache" / "bench-gpu", help="models, data and runs (large: 7B weights)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "gpu.json")
     args = parser.parse_args(argv)
     configs = all_configs(args.only)

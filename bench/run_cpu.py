@@ -116,8 +116,13 @@ def rows(name: str, result: dict) -> list[tuple[str, str, str, str]]:
     if name == "zero_memory":
         out = []
         for config, run in (result.get("runs") or {}).items():
-            out.append((f"peak RSS per rank, {config} (MiB; planner beside)", _fmt(_mib(run.get("peak_rss_bytes"))), f"planner {_fmt(_mib(g(run, 'planner', 'cpu_rank_bytes')))}", ""))
-        out.append(("ZeRO-3 over DDP per rank (training phase)", _fmt(result.get("zero3_over_ddp")), "DDP = 1", _fmt(result.get("ratio"), "x")))
+            if "error" in run:
+                out.append((f"peak RSS per rank, {config}", "error", "", ""))
+                continue
+            measured = f"{_fmt(_mib(run.get('peak_rss_bytes')))} (training {_fmt(_mib(run.get('training_peak_rss_bytes')))})"
+            out.append((f"peak RSS per rank, {config} (MiB)", measured, f"planner {_fmt(_mib(g(run, 'planner', 'cpu_rank_bytes')))}", ""))
+        both = f"{_fmt(result.get('zero3_over_ddp'))} (training {_fmt(result.get('training_zero3_over_ddp'))})"
+        out.append(("ZeRO-3 over DDP, peak per rank", both, "DDP = 1", _fmt(result.get("ratio"), "x")))
         return out
     if name == "checkpoint_cost":
         return [
