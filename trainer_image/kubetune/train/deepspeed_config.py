@@ -5,8 +5,10 @@ from the spec; spec.distributed.deepspeedConfig is merged on top (dicts merge ke
 everything else replaces), for experts who need a knob KubeTune does not name.
 
 Without offload the trainer passes its own torch AdamW (param groups with and without weight
-decay). With offload, DeepSpeed builds its CPU Adam from the "optimizer" section here: a
-torch optimizer cannot step parameters that live in host memory efficiently.
+decay). With offload on GPUs, DeepSpeed builds its CPU Adam from the "optimizer" section
+here (a torch optimizer steps host-memory parameters several times slower). On machines
+without a GPU the torch AdamW is kept (`zero_force_ds_cpu_optimizer: false`): everything is
+in host memory anyway, and DeepSpeed's CPU Adam would first need a C++ compile.
 """
 
 from __future__ import annotations
@@ -56,7 +58,9 @@ def build_deepspeed_config(spec: FineTuneJobSpec, world_size: int, precision: st
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if offload_optimizer:
+    if offload_optimizer and not on_gpu:
+        config["zero_force_ds_cpu_optimizer"] = False
+    elif offload_optimizer:
         config["optimizer"] = {
             "type": "AdamW",
             "params": {"lr": training.learning_rate, "betas": list(ADAM_BETAS), "eps": ADAM_EPS, "weight_decay": training.weight_decay},

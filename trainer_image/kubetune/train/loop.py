@@ -35,6 +35,10 @@ from .schedule import scheduler_factory
 log = logging.getLogger("kubetune.train")
 
 
+class ModelSourceError(ValueError):
+    """spec.model.uri or method.adapterUri does not point at a usable model/adapter."""
+
+
 @dataclass
 class Dist:
     rank: int
@@ -173,21 +177,24 @@ def run(job: FineTuneJob, base_dir: Optional[Path]) -> int:
     spec = job.spec
     layout = job_layout(job, base_dir)
     check_method_runtime(spec)
+    endpoint = spec.storage.endpoint
+    cache_dir = Path(os.environ.get("KUBETUNE_CACHE_DIR") or default_cache_dir())
+    work = Path(tempfile.mkdtemp(prefix=f"kubetune-rank{os.environ.get('RANK', '0')}-"))
+
+    # 1. Data, validated before any model file is touched (or DeepSpeed is even imported).
+    examples, val_examples = load_datasets(spec.dataset, spec.training.seed, work / "data", base_dir, endpoint)
     dist_info = init_distributed()
     rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
     preemption = Preemption()
     status = StatusWriter(job, layout, world, enabled=dist_info.main)
     status.update(phase="starting")
-    endpoint = spec.storage.endpoint
-    cache_dir = Path(os.environ.get("KUBETUNE_CACHE_DIR") or default_cache_dir())
-    work = Path(tempfile.mkdtemp(prefix=f"kubetune-rank{rank}-"))
-
-    # 1. Data, validated before any model file is touched.
-    examples, val_examples = load_datasets(spec.dataset, spec.training.seed, work / "data", base_dir, endpoint)
 
     # 2. Model files and tokenizer; lengths and template checked before the weights load.
     status.update(phase="loading")
-    model_dir = materialize_model(spec.model, cache_dir, base_dir, endpoint)
+    try:
+        model_dir = materialize_model(spec.model, cache_dir, base_dir, endpoint)
+    except (FileNotFoundError, ValueError) as err:
+        raise ModelSourceError(str(err)) from None
     tokenizer = load_tokenizer(model_dir, spec)
     t = spec.training
     limits = LengthLimits(t.max_length, t.max_source_length, t.max_target_length)
@@ -210,7 +217,12 @@ def run(job: FineTuneJob, base_dir: Optional[Path]) -> int:
     precision = resolve_precision(t.precision)
     torch.manual_seed(t.seed)
     model = load_model(model_dir, spec, precision, quantization_config(spec))
-    adapter_dir = fetch(spec.method.adapter_uri, work / "adapter", base_dir, endpoint) if spec.method.adapter_uri else None
+    adapter_dir = None
+    if spec.method.adapter_uri:
+        try:
+            adapter_dir = fetch(spec.method.adapter_uri, work / "adapter", base_dir, endpoint)
+        except FileNotFoundError as err:
+            raise ModelSourceError(f"method.adapterUri: {err}") from None
     model = apply_method(model, spec, model_dir, adapter_dir)
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(1, total))

@@ -35,8 +35,9 @@ def invalid_input_errors() -> tuple[type[Exception], ...]:
     from ..layout import LayoutError
     from ..model.methods import MethodError
     from ..uri import UriError
+    from .loop import ModelSourceError
 
-    return (SpecError, DataError, TemplateError, LayoutError, MethodError, UriError, WorldSizeMismatch)
+    return (SpecError, DataError, TemplateError, LayoutError, MethodError, ModelSourceError, UriError, WorldSizeMismatch)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -48,7 +49,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         stream=sys.stderr,
         format=f"%(asctime)s rank{os.environ.get('RANK', '0')} %(levelname)s %(name)s: %(message)s",
     )
-    args = parse_args(argv)
+    return execute(parse_args(argv))
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Run (or merge) the job; map errors to exit codes with the message on stderr."""
     base_dir = Path(args.base_dir) if args.base_dir else Path(args.job).resolve().parent
     try:
         job = load_job(args.job)
