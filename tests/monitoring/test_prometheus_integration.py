@@ -1,9 +1,11 @@
 """The real Prometheus scrapes a live training job end to end: the real operator
 (`python -m kubetune_operator`, as its image runs it) reconciles a FineTuneJob on the kmock
 API server, the trainer runs the job document from the operator's ConfigMap (as the worker
-pod would) with SeaweedFS as its S3, and the operator follows it through progress.json.
-The recorded series are read back through Prometheus's HTTP API and compared with what the
-trainer printed; the chart's alert rules and dashboard queries then run on these series."""
+pod would) with SeaweedFS as its S3, the operator follows it through progress.json, and
+kubetune-serve then serves the trained adapter and answers a few requests. The recorded
+series are read back through Prometheus's HTTP API and compared with what the trainer
+printed and the requests sent; the chart's alert rules and every dashboard query then run
+on these series."""
 
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -81,6 +85,39 @@ def job_document(seaweed) -> dict:
     }
 
 
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return 0
+
+
+def chat(port: int, question) -> "dict | int":
+    """POST /v1/chat/completions; the answer, or the HTTP status of a refused request."""
+    body = {"model": JOB, "max_tokens": 8, "temperature": 0}
+    if question is not None:
+        body["messages"] = [{"role": "user", "content": question}]
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def generated_tokens(port: int) -> float:
+    """kubetune_serve_generated_tokens_total read from the server's /metrics directly."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+    return sum(s.value for s in families["kubetune_serve_generated_tokens"].samples if s.name.endswith("_total"))
+
+
 def set_pod(cluster: Cluster, name: str, phase: str, exit_code=None) -> None:
     status = {"phase": phase}
     if exit_code is not None:
@@ -93,16 +130,18 @@ def set_pod(cluster: Cluster, name: str, phase: str, exit_code=None) -> None:
 def recorded(tmp_path_factory, tiny_model_dir, seaweed):
     """Prometheus that scraped the operator and a whole trainer run of one FineTuneJob."""
     work = tmp_path_factory.mktemp("prometheus-e2e")
-    trainer_port, operator_port, liveness_port, prometheus_port = free_ports(4)
+    trainer_port, operator_port, liveness_port, serve_port, prometheus_port = free_ports(5)
     upload_inputs(seaweed, tiny_model_dir)
     cluster = Cluster(work).start()
     server = PrometheusServer(work, prometheus_port, scrape_configs=[
         {"job_name": "kubetune-trainer", "static_configs": [{"targets": [f"127.0.0.1:{trainer_port}"]}]},
+        # The chart's serving PodMonitor adds finetunejob from the pod label kubetune.io/job.
+        {"job_name": "kubetune-serving", "static_configs": [{"targets": [f"127.0.0.1:{serve_port}"], "labels": {"finetunejob": JOB}}]},
         # honor_labels as the chart's ServiceMonitor: the series keep the job's own namespace.
         {"job_name": "kubetune-operator", "honor_labels": True,
          "static_configs": [{"targets": [f"127.0.0.1:{operator_port}"], "labels": {"namespace": "kubetune-system"}}]},
     ], rule_files=(FILES / "prometheus-rules.yaml",))
-    operator = None
+    operator = serving = None
     try:
         server.start()
         secret = {k: base64.b64encode(seaweed.env[k].encode()).decode() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
@@ -127,8 +166,24 @@ def recorded(tmp_path_factory, tiny_model_dir, seaweed):
         events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
         set_pod(cluster, f"{JOB}-worker-0", "Succeeded", exit_code=0)
         server.wait_for(f'kubetune_operator_job_phase{{name="{JOB}", phase="Succeeded"}} == 1', timeout=60)
-        yield server, events, liveness_port
+
+        # What the serving Deployment runs: the trained adapter on its base, both from S3.
+        (done,) = [e for e in events if e["event"] == "done"]
+        serving = subprocess.Popen([str(BIN / "kubetune-serve"), "--model", done["outputs"]["adapter"], "--base-model", "s3://models/tiny",
+                                    "--job", str(work / "job.yaml"), "--host", "127.0.0.1", "--port", str(serve_port),
+                                    "--cache-dir", str(work / "serve-cache")],
+                                   env=env, cwd=work, stdout=open(work / "serve.log", "wb"), stderr=subprocess.STDOUT)
+        wait_until(lambda: http_status(f"http://127.0.0.1:{serve_port}/readyz") == 200, "kubetune-serve ready", timeout=180)
+        warmup_tokens = generated_tokens(serve_port)  # the server's own warm-up generation
+        answered = [chat(serve_port, f"What is {i} plus 1?") for i in range(4)]
+        assert chat(serve_port, None) == 400  # a request without messages: a client error, not a 5xx
+        server.wait_for(f'sum(kubetune_serve_requests_total{{endpoint="/v1/chat/completions"}}) >= {len(answered) + 1}')
+        yield SimpleNamespace(server=server, events=events, liveness_port=liveness_port, answered=answered,
+                              warmup_tokens=warmup_tokens)
     finally:
+        if serving is not None:
+            serving.terminate()
+            serving.wait(timeout=20)
         if operator is not None:
             operator.send_signal(signal.SIGTERM)
             try:
@@ -141,7 +196,7 @@ def recorded(tmp_path_factory, tiny_model_dir, seaweed):
 
 
 def test_prometheus_recorded_the_losses_and_steps_the_trainer_printed(recorded):
-    server, events, _ = recorded
+    server, events = recorded.server, recorded.events
     steps = {e["step"]: e for e in events if e["event"] == "step"}
     (start,) = [e for e in events if e["event"] == "start"]
     assert len(steps) == start["total_steps"] == 40
@@ -161,7 +216,7 @@ def test_prometheus_recorded_the_losses_and_steps_the_trainer_printed(recorded):
 
 
 def test_prometheus_recorded_the_operator_following_the_job(recorded):
-    server, events, liveness_port = recorded
+    server, events, liveness_port = recorded.server, recorded.events, recorded.liveness_port
     losses = {e["loss"] for e in events if e["event"] == "step"}
     phases = [r["metric"]["phase"] for r in server.query(f'max_over_time(kubetune_operator_job_phase{{name="{JOB}"}}[10m]) == 1')]
     assert {"Running", "Succeeded"} <= set(phases)
@@ -183,7 +238,7 @@ def test_prometheus_recorded_the_operator_following_the_job(recorded):
 
 
 def test_alert_rules_evaluate_cleanly_on_real_series(recorded):
-    server, _, _ = recorded
+    server = recorded.server
     # Let the rule manager evaluate every group at least once after the data arrived.
     deadline = time.monotonic() + 15
     while True:
@@ -200,21 +255,38 @@ def test_alert_rules_evaluate_cleanly_on_real_series(recorded):
     assert [a for a in server.api("alerts")["alerts"] if a["state"] == "firing"] == []
 
 
-@pytest.mark.parametrize("dashboard", ["training.json", "jobs-overview.json"])
+def test_prometheus_recorded_the_requests_served(recorded):
+    server = recorded.server
+    statuses = {r["metric"]["status"]: float(r["value"][1])
+                for r in server.query('kubetune_serve_requests_total{endpoint="/v1/chat/completions"}')}
+    assert statuses == {"200": len(recorded.answered), "400": 1.0}
+    generated = sum(answer["usage"]["completion_tokens"] for answer in recorded.answered)
+    (tokens,) = server.query("kubetune_serve_generated_tokens_total")
+    assert float(tokens["value"][1]) == recorded.warmup_tokens + generated and tokens["metric"]["finetunejob"] == JOB
+    (latency,) = server.query('kubetune_serve_request_latency_seconds_count')
+    assert float(latency["value"][1]) >= len(recorded.answered)
+
+
+# Panels that need what this run cannot produce: a GPU, validation, failing reconciles or
+# server errors.
+MAY_BE_EMPTY = ("kubetune_train_gpu_memory_bytes", "kubetune_train_validation_loss",
+                "kubetune_operator_reconcile_errors_total", "kubetune_operator_reconcile_duration_seconds")
+
+
+@pytest.mark.parametrize("dashboard", ["training.json", "jobs-overview.json", "serving.json"])
 def test_dashboard_queries_return_data_from_the_run(recorded, dashboard):
     """Every query of the dashboard runs in Prometheus; those that can have data here do."""
-    server, _, _ = recorded
-    last_scrape = server.samples(f"kubetune_train_step{SELECTOR}")[-1][0]
-    # Panels that need what this run cannot produce: a GPU, or reconcile timings.
-    may_be_empty = ("kubetune_train_gpu_memory_bytes", "kubetune_operator_reconcile_duration_seconds",
-                    "kubetune_operator_reconcile_errors_total", "kubetune_train_validation_loss")
+    server = recorded.server
+    source = {"training.json": f"kubetune_train_step{SELECTOR}", "jobs-overview.json": f'kubetune_operator_job_phase{{name="{JOB}", phase="Running"}}',
+              "serving.json": "kubetune_serve_generated_tokens_total"}[dashboard]
+    at = server.samples(source)[-1][0]  # the last scrape of the component the dashboard shows
     empty = []
     for where, expr in dashboard_queries(load_dashboards(FILES / "dashboards")[dashboard]):
         promql = grafana_to_promql(expr)
-        result = server.query(promql, at=last_scrape)
-        if not result and not any(name in promql for name in may_be_empty):
+        result = server.query(promql, at=at)
+        if not result and not any(name in promql for name in MAY_BE_EMPTY):
             empty.append(where)
         for series in result:
             value = float(series["value"][1])
-            assert not math.isnan(value) or "histogram_quantile" in promql, (where, series)
+            assert not math.isnan(value) or "histogram_quantile" in promql or "batch_size" in promql, (where, series)
     assert empty == []
