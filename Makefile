@@ -39,3 +39,5 @@ bench: setup
 
 crds: setup
 	$(PY) -m kubetune.crd > crds/finetunejobs.kubetune.io.yaml
+	# The Helm chart ships a copy (tests/helm checks they are equal).
+	cp crds/finetunejobs.kubetune.io.yaml charts/kubetune/crds/
