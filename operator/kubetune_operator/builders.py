@@ -219,9 +219,10 @@ def pull_policy(job: FineTuneJob, settings: Settings) -> str:
     return job.spec.image.pull_policy or settings.image_pull_policy
 
 
-def pod_spec(job: FineTuneJob, containers: list[dict], vols: list[dict], **extra: Any) -> dict:
-    return {
+def pod_spec(settings: Settings, containers: list[dict], vols: list[dict], **extra: Any) -> dict:
+    spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # Workloads never call the Kubernetes API.
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": POD_SECURITY,
@@ -229,6 +230,11 @@ def pod_spec(job: FineTuneJob, containers: list[dict], vols: list[dict], **extra
         "volumes": vols,
         **extra,
     }
+    if settings.workload_service_account:
+        spec["serviceAccountName"] = settings.workload_service_account
+    if settings.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
+    return spec
 
 
 # ---------------------------------------------------------------------------------------
@@ -315,7 +321,7 @@ def build_worker_pod(job: FineTuneJob, index: int, settings: Settings, attempt: 
         "kind": "Pod",
         "metadata": meta,
         "spec": pod_spec(
-            job,
+            settings,
             [container],
             vols,
             hostname=worker_pod_name(name, index),
@@ -345,7 +351,7 @@ def build_merge_pod(job: FineTuneJob, settings: Settings) -> dict:
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": metadata(job, merge_pod_name(job.metadata.name), "merge"),
-        "spec": pod_spec(job, [container], vols, **spec),
+        "spec": pod_spec(settings, [container], vols, **spec),
     }
 
 
@@ -426,7 +432,7 @@ def build_serving_deployment(job: FineTuneJob, settings: Settings) -> dict:
     selector = {JOB_LABEL: name, ROLE_LABEL: "serve"}
     spec = placement(job)
     spec.pop("schedulerName", None)
-    pod = pod_spec(job, [container], vols, **spec)
+    pod = pod_spec(settings, [container], vols, **spec)
     pod["restartPolicy"] = "Always"
     if init_containers:
         pod["initContainers"] = init_containers

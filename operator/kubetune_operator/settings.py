@@ -19,6 +19,9 @@ class Settings:
     failure_log_lines: int = 20
     # After a failed progress.json read, skip reads of that job for this many seconds.
     progress_retry_seconds: float = 30.0
+    # ServiceAccount and image pull secrets of the training, merge and serving pods (chart values).
+    workload_service_account: str = ""
+    image_pull_secrets: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: "dict[str, str] | None" = None) -> "Settings":
@@ -33,4 +36,6 @@ class Settings:
             liveness_port=int(env.get("KUBETUNE_OPERATOR_LIVENESS_PORT", defaults.liveness_port)),
             failure_log_lines=int(env.get("KUBETUNE_FAILURE_LOG_LINES", defaults.failure_log_lines)),
             progress_retry_seconds=float(env.get("KUBETUNE_PROGRESS_RETRY_SECONDS", defaults.progress_retry_seconds)),
+            workload_service_account=env.get("KUBETUNE_WORKLOAD_SERVICE_ACCOUNT", ""),
+            image_pull_secrets=tuple(n.strip() for n in env.get("KUBETUNE_IMAGE_PULL_SECRETS", "").split(",") if n.strip()),
         )

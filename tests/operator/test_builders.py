@@ -82,6 +82,18 @@ def test_worker_pod_follows_the_torchrun_contract():
     assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
+def test_workload_service_account_and_pull_secrets_from_the_operator_settings():
+    settings = Settings.from_env({"KUBETUNE_WORKLOAD_SERVICE_ACCOUNT": "kubetune-workload", "KUBETUNE_IMAGE_PULL_SECRETS": "regcred, other"})
+    job = example("lora-multinode.yaml")
+    for manifest in (builders.build_worker_pod(job, 0, settings), builders.build_merge_pod(job, settings)):
+        assert manifest["spec"]["serviceAccountName"] == "kubetune-workload"
+        assert manifest["spec"]["imagePullSecrets"] == [{"name": "regcred"}, {"name": "other"}]
+        k8s_validate(manifest)
+    template = builders.build_serving_deployment(job, settings)["spec"]["template"]["spec"]
+    assert template["serviceAccountName"] == "kubetune-workload" and template["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in builders.build_worker_pod(job, 0, SETTINGS)["spec"]
+
+
 def test_volcano_queue_placement_and_cpu_only_pods():
     job = example("full-zero3-offload.yaml")
     pod = builders.build_worker_pod(job, 0, SETTINGS)
