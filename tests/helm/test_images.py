@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -117,3 +118,30 @@ def test_trainer_image_entrypoints_start(command, usage):
     assert result.returncode == 0, f"{shlex.join(command)}: {result.stdout}{result.stderr}"
     # kubetune-train keeps stdout for its JSON events: help, like every human text, is on stderr.
     assert usage in result.stdout + result.stderr
+
+
+def test_kind_install_script_is_valid_bash_and_its_values_pass_the_schema():
+    """charts/kubetune/scripts/kind-install.sh (needs docker/kind, so not run here): bash
+    parses it, and the --set values it gives Helm are accepted by values.schema.json."""
+    script = REPO / "charts" / "kubetune" / "scripts" / "kind-install.sh"
+    assert run("bash", "-n", str(script)).returncode == 0
+    text = script.read_text().replace("$tag", "dev").replace("$watch", "team-a")
+    values: dict = {}
+    for expression in re.findall(r'--set "?([^"\s]+)"?', text):
+        _merge(values, helm.parse_set_string(expression))
+    assert values["images"]["operator"] == {"repository": "kubetune/operator", "tag": "dev", "pullPolicy": "Never"}
+    assert values["watchNamespaces"] == ["team-a"]
+    with helm.Chart.load(REPO / "charts" / "kubetune") as chart:
+        chart.validate_schema(values)
+        rendered = chart.render(values, name="kubetune", namespace="kubetune-system")
+    deployment = yaml.safe_load(rendered["kubetune/templates/deployment.yaml"])
+    assert deployment["metadata"]["name"] == "kubetune"  # what the script waits for
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "kubetune/operator:dev"
+
+
+def _merge(into: dict, new: dict) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
