@@ -45,6 +45,12 @@ CASES = [
      "1 of 1 records in {path} do not fit format 'conversation':\n{path}:1: conversation[0].output: missing"),
     ("d.jsonl", json.dumps({"text": 3}) + "\n", {"format": "text"},
      "1 of 1 records in {path} do not fit format 'text':\n{path}:1: text: expected a string, got int"),
+    ("d.jsonl", GOOD + "\n" + "[" * 100_000 + "]" * 100_000 + "\n", {}, "{path}:2: invalid JSON: nested too deeply"),
+    ("d.jsonl", '{"prompt": "q", "response": ' + "1" * 5000 + "}\n", {},
+     "{path}:1: invalid JSON: a number has more than 4300 digits; write it as a string"),
+    ("d.jsonl", '{"prompt": "\\ud800", "response": "a"}\n', {},
+     "1 of 1 records in {path} do not fit format 'prompt_response':\n"
+     "{path}:1: prompt: contains an unpaired surrogate ('\\ud800' escape) that no tokenizer can encode"),
     ("d.jsonl", "\n\n", {}, "dataset {path} contains no records"),
     ("d.json", "[]", {}, "dataset {path} contains no records"),
     ("d.jsonl", GOOD + "\n", {"format": "text", "columns": {"prompt": "q"}},
@@ -74,3 +80,10 @@ def test_missing_file_and_many_errors_are_summarised(tmp_path):
     lines = str(err.value).splitlines()
     assert lines[0] == f"8 of 8 records in {tmp_path / 'bad.jsonl'} do not fit format 'prompt_response':"
     assert len(lines) == 7 and lines[-1] == "... and 3 more malformed records"
+
+
+def test_json_lines_split_only_at_newline(tmp_path):
+    text = json.dumps({"prompt": "a\u2028b\u0085c", "response": "d\u2029e"}, ensure_ascii=False) + "\n"
+    (tmp_path / "d.jsonl").write_text(text, encoding="utf-8")
+    train, _ = load_datasets(DatasetSpec(uri="d.jsonl"), seed=0, cache_dir=tmp_path / "cache", base_dir=tmp_path)
+    assert train[0].messages == [{"role": "user", "content": "a\u2028b\u0085c"}, {"role": "assistant", "content": "d\u2029e"}]

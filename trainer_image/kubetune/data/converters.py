@@ -69,6 +69,10 @@ def _column(record: dict, names: Any, required: bool) -> tuple[Optional[str], An
 def _text(value: Any, field: str, allow_empty: bool = True) -> str:
     if not isinstance(value, str):
         raise RecordError(field, f"expected a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RecordError(field, f"contains an unpaired surrogate ({value[err.start]!r} escape) that no tokenizer can encode") from None
     if not allow_empty and not value.strip():
         raise RecordError(field, "is empty")
     return value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -45,16 +46,31 @@ def read_records(path: Path, shown_name: str) -> list[tuple[str, Any]]:
             # Line numbers refer to the stripped text; add back the leading blank lines.
             skipped = text[: len(text) - len(stripped)].count("\n")
             raise DataError(f"{shown_name}:{err.lineno + skipped}: invalid JSON: {err.msg}") from None
+        except (ValueError, RecursionError) as err:
+            raise DataError(f"{shown_name}: invalid JSON: {_json_limit(err)}") from None
         return [(f"{shown_name}: record {i + 1}", item) for i, item in enumerate(items)]
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines end at "\n" only: JSON strings may hold U+2028 and friends raw, which
+    # str.splitlines() would also split at.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             records.append((f"{shown_name}:{number}", json.loads(line)))
         except json.JSONDecodeError as err:
             raise DataError(f"{shown_name}:{number}: invalid JSON: {err.msg} (column {err.colno})") from None
+        except (ValueError, RecursionError) as err:
+            raise DataError(f"{shown_name}:{number}: invalid JSON: {_json_limit(err)}") from None
     return records
+
+
+def _json_limit(err: Exception) -> str:
+    """Parser limits hit by hostile files: nesting depth (RecursionError), huge integers (ValueError)."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    if "integer string conversion" in str(err):
+        return f"a number has more than {sys.get_int_max_str_digits()} digits; write it as a string"
+    return str(err)
 
 
 def load_examples(

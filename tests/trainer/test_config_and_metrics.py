@@ -1,0 +1,69 @@
+"""Pure parts of the trainer: DeepSpeed config from the spec, LR schedule, generation metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubetune.evaluate import bleu4, exact_match, rouge_l, score, score_tokens, token_f1
+from kubetune.spec import FineTuneJobSpec
+from kubetune.train.deepspeed_config import build_deepspeed_config, uses_client_optimizer
+from kubetune.train.schedule import lr_factor
+
+
+def spec(**parts) -> FineTuneJobSpec:
+    return FineTuneJobSpec.model_validate({"model": {"uri": "m"}, "dataset": {"uri": "d"}, **parts})
+
+
+def test_zero2_config_from_high_level_fields():
+    s = spec(training={"microBatchSize": 2, "gradientAccumulationSteps": 4, "maxGradNorm": 0.5}, distributed={"zero": {"stage": 2}})
+    config = build_deepspeed_config(s, world_size=8, precision="bf16", on_gpu=True)
+    assert config["train_batch_size"] == 64 and config["train_micro_batch_size_per_gpu"] == 2
+    assert config["gradient_accumulation_steps"] == 4 and config["gradient_clipping"] == 0.5
+    assert config["zero_optimization"] == {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True}
+    assert config["bf16"] == {"enabled": True} and config["fp16"]["enabled"] is False
+    assert uses_client_optimizer(config)
+
+
+def test_zero3_offload_all_on_gpu_lets_deepspeed_build_cpu_adam():
+    s = spec(training={"learningRate": 2e-5, "weightDecay": 0.1}, distributed={"zero": {"stage": 3, "offload": "all"}})
+    config = build_deepspeed_config(s, world_size=4, precision="fp16", on_gpu=True)
+    zero = config["zero_optimization"]
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert config["optimizer"]["params"]["lr"] == 2e-5 and config["optimizer"]["params"]["weight_decay"] == 0.1
+    assert config["fp16"]["enabled"] is True and not uses_client_optimizer(config)
+    cpu = build_deepspeed_config(s, world_size=2, precision="fp32", on_gpu=False)
+    assert uses_client_optimizer(cpu) and cpu["zero_force_ds_cpu_optimizer"] is False
+    assert cpu["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
+
+
+def test_raw_override_merges_key_by_key():
+    s = spec(distributed={"zero": {"stage": 3}, "deepspeedConfig": {"zero_optimization": {"stage3_max_live_parameters": 1000}, "gradient_clipping": 0.0}})
+    config = build_deepspeed_config(s, world_size=1, precision="fp32", on_gpu=False)
+    assert config["zero_optimization"]["stage"] == 3 and config["zero_optimization"]["stage3_max_live_parameters"] == 1000
+    assert config["gradient_clipping"] == 0.0
+
+
+def test_lr_schedule_warmup_then_decay():
+    assert [lr_factor(s, 10, 0.2, "cosine") for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, 10, 0.2, "cosine") == 1.0 and lr_factor(10, 10, 0.2, "cosine") == pytest.approx(0.0)
+    assert lr_factor(6, 10, 0.2, "linear") == pytest.approx(0.5)
+    assert lr_factor(9, 10, 0.0, "constant") == 1.0
+
+
+def test_generation_metrics_exact_values():
+    assert exact_match(" Paris ", "Paris") == 100.0 and exact_match("paris", "Paris") == 0.0
+    assert token_f1("the cat sat", "the cat") == pytest.approx(80.0)
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(75.0)
+    assert bleu4("the quick brown fox jumps", "the quick brown fox jumps") == pytest.approx(100.0)
+    assert bleu4("dog", "the quick brown fox") == 0.0
+    assert score(["a", "b"], ["a", "c"])["exact_match"] == 50.0
+
+
+def test_chinese_is_scored_on_words_not_whitespace():
+    tokens = score_tokens("我们一起去公园散步")
+    assert len(tokens) > 1 and "".join(tokens) == "我们一起去公园散步"
+    # Whitespace splitting would see one token each and give 0; word overlap gives partial credit.
+    assert 0.0 < token_f1("我们一起去公园散步", "我们一起去学校") < 100.0
+    assert 0.0 < rouge_l("今天天气很好", "今天天气不好") < 100.0
