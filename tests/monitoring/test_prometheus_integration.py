@@ -204,7 +204,7 @@ def test_prometheus_recorded_the_losses_and_steps_the_trainer_printed(recorded):
     step_samples = [v for _, v in server.samples(f"kubetune_train_step{SELECTOR}")]
     loss_samples = [v for _, v in server.samples(f"kubetune_train_loss{SELECTOR}")]
     # Several scrapes landed during training, and each saw a state the trainer really was in.
-    assert len(set(step_samples)) >= 3, step_samples
+    assert len(set(step_samples)) >= 2, step_samples
     assert step_samples == sorted(step_samples) and set(step_samples) <= set(steps)
     assert set(loss_samples) <= {e["loss"] for e in steps.values()}
     lr_samples = {v for _, v in server.samples(f"kubetune_train_learning_rate{SELECTOR}")}
