@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 from ..spec import FineTuneJobSpec
 from ..data.tokenize import install_chat_template

@@ -127,6 +127,13 @@ class StatusWriter:
         self.progress.updated_at = ""
         self._put(self.layout.checkpoints, "progress.json", self.progress.to_json())
 
+    def fail(self, error: str) -> None:
+        """Best effort: the operator shows this; a storage outage must not hide the real error."""
+        try:
+            self.update(phase="failed", error=error[:2000])
+        except Exception as err:  # noqa: BLE001
+            log.warning("could not record the failure in progress.json: %s", err)
+
     def flush_metrics(self) -> None:
         if self.metrics_lines:
             self._put(self.layout.output, "metrics.jsonl", "".join(self.metrics_lines).encode())
@@ -144,6 +151,14 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
     return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def _zero3_loading(ds_config: dict):
+    if ds_config["zero_optimization"]["stage"] != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
 
 
 def _grad_norm(model) -> float:
@@ -168,11 +183,9 @@ def _reduce(values: list[float], device, average_over: int = 1) -> list[float]:
 
 
 def run(job: FineTuneJob, base_dir: Optional[Path]) -> int:
-    """Train the job; returns the process exit code (0 or PREEMPTED). Raises on bad input."""
-    import torch
-
-    from ..model.loader import load_model, load_tokenizer, resolve_precision
-    from ..model.methods import apply_method, check_method_runtime, count_parameters, quantization_config
+    """Train the job; returns the process exit code (0 or PREEMPTED). Raises on bad input;
+    any failure after start is also recorded in progress.json (phase failed)."""
+    from ..model.methods import check_method_runtime
 
     spec = job.spec
     layout = job_layout(job, base_dir)
@@ -184,10 +197,28 @@ def run(job: FineTuneJob, base_dir: Optional[Path]) -> int:
     # 1. Data, validated before any model file is touched (or DeepSpeed is even imported).
     examples, val_examples = load_datasets(spec.dataset, spec.training.seed, work / "data", base_dir, endpoint)
     dist_info = init_distributed()
-    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
     preemption = Preemption()
-    status = StatusWriter(job, layout, world, enabled=dist_info.main)
+    status = StatusWriter(job, layout, dist_info.world_size, enabled=dist_info.main)
     status.update(phase="starting")
+
+    try:
+        return _train(job, base_dir, layout, dist_info, preemption, status, examples, val_examples, cache_dir, work)
+    except BaseException as err:
+        if not isinstance(err, SystemExit):
+            status.fail(f"{type(err).__name__}: {err}")
+        raise
+
+
+def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preemption: Preemption, status: StatusWriter,
+           examples, val_examples, cache_dir: Path, work: Path) -> int:
+    import torch
+
+    from ..model.loader import load_model, load_tokenizer, resolve_precision
+    from ..model.methods import apply_method, count_parameters, quantization_config
+
+    spec = job.spec
+    endpoint = spec.storage.endpoint
+    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
 
     # 2. Model files and tokenizer; lengths and template checked before the weights load.
     status.update(phase="loading")
@@ -215,7 +246,11 @@ def run(job: FineTuneJob, base_dir: Optional[Path]) -> int:
 
     # 3. Weights and method.
     precision = resolve_precision(t.precision)
+    ds_config = build_deepspeed_config(spec, world, precision, on_gpu=device.type == "cuda")
     torch.manual_seed(t.seed)
+    # Under ZeRO-3, HfDeepSpeedConfig makes from_pretrained build the model already partitioned
+    # (deepspeed.zero.Init), so no rank ever holds the whole model. Keep it alive until initialize.
+    zero3_loading = _zero3_loading(ds_config)
     model = load_model(model_dir, spec, precision, quantization_config(spec))
     adapter_dir = None
     if spec.method.adapter_uri:
@@ -230,7 +265,6 @@ def run(job: FineTuneJob, base_dir: Optional[Path]) -> int:
     # 4. DeepSpeed engine (always; stage 0 is plain data parallel).
     import deepspeed
 
-    ds_config = build_deepspeed_config(spec, world, precision, on_gpu=device.type == "cuda")
     groups = _param_groups(model, t.weight_decay)
     optimizer = None
     if uses_client_optimizer(ds_config):
@@ -242,6 +276,7 @@ def run(job: FineTuneJob, base_dir: Optional[Path]) -> int:
         lr_scheduler=scheduler_factory(steps, t.warmup_ratio, t.lr_scheduler),
         config=ds_config,
     )
+    del zero3_loading
 
     # 5. Resume from the newest complete checkpoint.
     manager = CheckpointManager(
