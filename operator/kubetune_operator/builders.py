@@ -462,11 +462,11 @@ def build_serving_service(job: FineTuneJob) -> dict:
     }
 
 
-def job_from_config_map(config_map: dict, fallback: FineTuneJob) -> Optional[FineTuneJob]:
-    """The job the running workers were started with (the ConfigMap's copy), with the live metadata."""
+def job_from_config_map(config_map: dict, metadata: dict) -> Optional[FineTuneJob]:
+    """The job the workers were started with (the ConfigMap's copy), with the live metadata."""
     text = (config_map.get("data") or {}).get("job.yaml")
     if not text:
         return None
     doc = yaml.safe_load(text)
-    doc["metadata"] = fallback.metadata.model_dump(exclude_none=True)
-    return specmod.parse_job(doc, f"ConfigMap {config_map_name(fallback.metadata.name)}")
+    doc["metadata"] = metadata
+    return specmod.parse_job(doc, f"ConfigMap {config_map['metadata']['name']}")

@@ -167,6 +167,9 @@ class Reconciler:
 
     async def run(self) -> Decision:
         job, problems = parse_body(self.body)
+        if job is None and self.previous.get("startTime"):
+            # The live spec no longer parses; the workers keep the spec they started with.
+            job = await self.started_job()
         observed = Observed(problems=problems)
         progress = None
         layout: Optional[JobLayout] = None
@@ -184,6 +187,12 @@ class Reconciler:
         if job is not None:
             await self.execute(decision, job, observed)
         return decision
+
+    async def started_job(self) -> Optional[FineTuneJob]:
+        config_map = await self.api.get("ConfigMap", self.namespace, builders.config_map_name(self.name))
+        if config_map is None:
+            return None
+        return builders.job_from_config_map(config_map, job_document(self.body)["metadata"])
 
     async def missing_secrets(self, job: FineTuneJob) -> list[str]:
         wanted = []
@@ -216,7 +225,7 @@ class Reconciler:
             observed.serving_ready_replicas = (self.deployment.get("status") or {}).get("readyReplicas") or 0
         self.config_map = await self.api.get("ConfigMap", self.namespace, builders.config_map_name(self.name))
         if self.config_map is not None and self.previous.get("startTime"):
-            started = builders.job_from_config_map(self.config_map, job)
+            started = builders.job_from_config_map(self.config_map, job.metadata.model_dump(exclude_none=True))
             if started is not None:
                 observed.spec_changes = changed_fields(started, job)
                 return with_mutable_fields(started, job)
@@ -344,6 +353,8 @@ def duration(status: dict, now: datetime) -> Optional[float]:
 
 
 async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, memo: kopf.Memo, **_: Any) -> None:
+    if body.metadata.get("deletionTimestamp"):
+        return  # being deleted: `cleanup` removes the children; never recreate them
     started = time.monotonic()
     try:
         reconciler = Reconciler(kube(memo), body, memo["settings"], logger, memo["storage_failures"])

@@ -177,8 +177,12 @@ class _Machine:
         self._apply_progress()
         if self.observed.problems or self.job is None:
             self._invalid()
-            return
-        self.status["conditions"] = drop_condition(self.status["conditions"], "InvalidSpec")
+            if self.job is None or not self.status.get("startTime"):
+                return
+            # Started: the workers run the spec they started with (the handler passes that
+            # job); the current spec's problems stay visible as a condition.
+        else:
+            self.status["conditions"] = drop_condition(self.status["conditions"], "InvalidSpec")
         if self.phase == "Failed":
             if self.status.get("failureReason") == "InvalidSpec":  # fixed spec: start over
                 self.status.pop("failureReason", None)
@@ -216,16 +220,15 @@ class _Machine:
     def _invalid(self) -> None:
         message = "; ".join(self.observed.problems)
         self.condition("InvalidSpec", "True", "InvalidSpec", message)
-        if self.phase in (None, "Pending", "Failed"):
+        if not self.status.get("startTime") and self.phase in (None, "Pending", "Failed"):
             self.status["failureReason"] = "InvalidSpec"
             self.status["failure"] = message
             self.condition("Ready", "False", "InvalidSpec", message)
             if self.phase != "Failed":
                 self.status["phase"] = "Failed"
-            previous = next((c for c in self.previous.get("conditions", []) if c["type"] == "InvalidSpec"), None)
-            if previous is None or previous["message"] != message:
-                self.events.append(Event("Warning", "InvalidSpec", message))
-        # A job already training keeps running on the spec it started with.
+        previous = next((c for c in self.previous.get("conditions", []) if c["type"] == "InvalidSpec"), None)
+        if previous is None or previous["message"] != message:
+            self.events.append(Event("Warning", "InvalidSpec", message))
 
     def _spec_changes(self) -> None:
         if self.observed.spec_changes:

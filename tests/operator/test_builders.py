@@ -118,7 +118,7 @@ def test_config_map_holds_the_job_the_trainer_reads():
     doc = yaml.safe_load(cm["data"]["job.yaml"])
     assert doc["metadata"] == {"name": "qa-bot", "namespace": "default"}
     assert parse_job(doc).spec == job.spec
-    assert builders.job_from_config_map(cm, job).spec == job.spec
+    assert builders.job_from_config_map(cm, job.metadata.model_dump()).spec == job.spec
 
 
 def test_rendezvous_service_is_headless_and_selects_workers():

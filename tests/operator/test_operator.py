@@ -136,6 +136,13 @@ def test_training_field_change_on_a_running_job_is_refused(operator, cluster, ap
     assert "spec.training" in refused["message"] and st["phase"] == "Running"
     assert "learningRate: 0.0001" in cluster.objects("configmaps")["qa-bot-config"]["data"]["job.yaml"]
     assert st["observedGeneration"] == 2
+    # A live spec that no longer parses: reported, and the workers keep their spec.
+    kubectl("patch", "ftj", "qa-bot", "--type=merge", "-p", '{"spec":{"distributed":{"nodes":0}}}')
+    st = wait_for(lambda: any(c["type"] == "InvalidSpec" for c in status(kubectl).get("conditions", [])) and status(kubectl))
+    assert "spec.distributed.nodes" in next(c for c in st["conditions"] if c["type"] == "InvalidSpec")["message"]
+    api.set_pod_status("qa-bot-worker-1", "Failed", exit_code=1)
+    wait_for(lambda: status(kubectl).get("restarts") == 1 and len(workers(cluster)) == 2
+             and {p["metadata"]["labels"]["kubetune.io/attempt"] for p in workers(cluster).values()} == {"1"}, what="gang restarted")  # fmt: skip
 
 
 def test_missing_secret_and_semantic_errors_give_invalid_spec_without_a_crash_loop(operator, cluster, api, kubectl, tmp_path):

@@ -167,3 +167,14 @@ def test_condition_transition_time_moves_only_on_flips():
     t1 = next(c for c in d1.status["conditions"] if c["type"] == "Training")["lastTransitionTime"]
     t2 = next(c for c in d2.status["conditions"] if c["type"] == "Training")["lastTransitionTime"]
     assert t1 == t2 == "2026-11-22T12:00:00Z"
+
+
+def test_problems_on_a_started_job_are_reported_but_training_goes_on():
+    previous = {"phase": "Running", "startTime": "2026-11-22T11:00:00Z"}
+    d = run(previous, Observed(workers=pods("Running", "Failed", codes={1: 1}), problems=["spec.storage.credentialsSecret: Secret 's3' not found"]))
+    assert d.status["phase"] == "Restarting" and A.DELETE_WORKERS in d.actions
+    assert any(c["type"] == "InvalidSpec" for c in d.status["conditions"]) and "failureReason" not in d.status
+    assert [e.reason for e in d.events] == ["InvalidSpec", "GangRestart"]
+    # Without a usable job (the live spec does not parse and no started copy) nothing is touched.
+    d = decide(None, Observed(problems=["spec.distributed.nodes: must be >= 1"]), None, previous, NOW, generation=3)
+    assert d.actions == [] and d.status["phase"] == "Running" and d.status["observedGeneration"] == 3
