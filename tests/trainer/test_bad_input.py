@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from kubetune import exitcodes
+from kubetune.testing import free_port
 from kubetune.train.main import execute, parse_args
 
 GOOD = {"prompt": "q", "response": "a"}
@@ -42,8 +43,21 @@ CASES = [
 ]
 
 
+@pytest.fixture
+def single_process(monkeypatch):
+    """Cases that get past the data start a one-process group: undo it after the test."""
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("changes,lines,expected", CASES)
-def test_invalid_input_exits_64_with_exact_message(tmp_path, tiny_model_dir, capsys, monkeypatch, changes, lines, expected):
+def test_invalid_input_exits_64_with_exact_message(tmp_path, tiny_model_dir, capsys, monkeypatch, single_process, changes, lines, expected):
     monkeypatch.setenv("KUBETUNE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("KUBETUNE_METRICS_PORT", "0")
     document = job(str(tiny_model_dir), **changes)
@@ -52,6 +66,12 @@ def test_invalid_input_exits_64_with_exact_message(tmp_path, tiny_model_dir, cap
     code = execute(parse_args(["--job", str(tmp_path / "job.yaml")]))
     assert code == exitcodes.INVALID_INPUT
     assert capsys.readouterr().err.strip() == "kubetune-train: " + expected.format(dir=tmp_path)
+    progress = tmp_path / "runs/bad/output/checkpoints/progress.json"
+    if "model" in changes:  # failed after the run started: the operator sees why
+        assert json.loads(progress.read_text())["error"] == "ModelSourceError: " + expected.format(dir=tmp_path)
+        assert json.loads(progress.read_text())["phase"] == "failed"
+    else:  # refused before anything was written
+        assert not progress.exists()
 
 
 def test_command_line_exit_code_and_stderr(tmp_path, tiny_model_dir):
