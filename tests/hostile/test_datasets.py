@@ -128,33 +128,28 @@ def test_nul_and_control_characters_are_kept(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# Bugs found: each should be a DataError naming the line (exit 64), not a crash (exit 1).
+# Parser limits and encodings (found by this suite; fixed in the loader): a DataError naming
+# the line (exit 64), never a crash (exit 1).
 
 
-@pytest.mark.xfail(strict=True, reason="BUG kubetune/data/loader.py read_records: deeply nested JSON raises RecursionError (uncaught)")
 def test_deeply_nested_json_is_a_data_error(tmp_path):
-    assert refused(tmp_path, "deep.jsonl", GOOD + "\n" + "[" * 100_000 + "]" * 100_000 + "\n").startswith("{path}:2: ")
+    text = GOOD + "\n" + "[" * 100_000 + "]" * 100_000 + "\n"
+    assert refused(tmp_path, "deep.jsonl", text) == "{path}:2: invalid JSON: nested too deeply"
+    assert refused(tmp_path, "deep.json", "[" * 100_000 + "]" * 100_000) == "{path}: invalid JSON: nested too deeply"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG kubetune/data/loader.py read_records: a >4300-digit number raises ValueError (uncaught)")
 def test_huge_number_is_a_data_error(tmp_path):
-    assert refused(tmp_path, "bigint.jsonl", '{"prompt": "q", "response": ' + "1" * 5000 + "}\n").startswith("{path}:1: ")
+    text = '{"prompt": "q", "response": ' + "1" * 5000 + "}\n"
+    assert refused(tmp_path, "bigint.jsonl", text) == "{path}:1: invalid JSON: a number has more than 4300 digits; write it as a string"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG kubetune/data/loader.py read_records: str.splitlines() also splits at U+2028/U+2029/U+0085, "
-    "which JSON allows raw inside strings (json.dumps(..., ensure_ascii=False)); JSON Lines split at \\n only",
-)
 def test_unicode_line_separators_inside_strings(tmp_path):
+    # JSON allows U+2028/U+2029/U+0085 raw in strings (json.dumps(..., ensure_ascii=False)).
     text = json.dumps({"prompt": "a\u2028b\u0085c", "response": "d\u2029e"}, ensure_ascii=False) + "\n"
     assert load(tmp_path, "seps.jsonl", text)[0].messages[0]["content"] == "a\u2028b\u0085c"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG kubetune/data: a lone surrogate ('\\ud800' escape) passes conversion and crashes the "
-    "tokenizer later with TypeError; it should be refused when the data is validated",
-)
 def test_lone_surrogate_is_refused_at_load(tmp_path):
-    assert refused(tmp_path, "sur.jsonl", '{"prompt": "\\ud800", "response": "a"}\n').startswith("1 of 1 records in {path}")
+    assert refused(tmp_path, "sur.jsonl", '{"prompt": "\\ud800", "response": "a"}\n') == unfit(
+        "prompt_response", "{path}:1: prompt: contains an unpaired surrogate ('\\ud800' escape) that no tokenizer can encode"
+    )
