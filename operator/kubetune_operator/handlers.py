@@ -33,11 +33,14 @@ from kubetune import spec as specmod
 from kubetune.layout import JobLayout, LayoutError, job_layout
 from kubetune.progress import Progress, parse_progress
 from kubetune.spec import FineTuneJob, SpecError, parse_job
+from kubetune.planner import shipped_config
 from kubetune.storage import S3Store
+from kubetune.uri import Uri, parse_uri
 from kubetune.validation import check_job
 
 from . import builders, metrics
 from .kube import Kube
+from .memory import check_memory
 from .settings import Settings
 from .status import Action, Decision, Observed, PodState, decide, parse_iso
 
@@ -151,8 +154,9 @@ class Reconciler:
     """One reconciliation cycle of one job."""
 
     def __init__(self, api: Kube, body: kopf.Body, settings: Settings, logger: logging.Logger | logging.LoggerAdapter,
-                 storage_failures: Optional[dict] = None):  # fmt: skip
+                 storage_failures: Optional[dict] = None, plans: Optional[dict] = None):  # fmt: skip
         self.api = api
+        self.plans = plans if plans is not None else {}
         # (namespace, name) -> monotonic time of the last failed progress read (shared across cycles).
         self.storage_failures = storage_failures if storage_failures is not None else {}
         self.body = body
@@ -183,6 +187,8 @@ class Reconciler:
                 layout = None  # reported by check_job
             if layout is not None and not observed.problems and self.wants_progress():
                 progress = await self.read_progress(job, layout)
+            if not observed.problems:
+                observed.memory = await self.memory_plan(job)
         decision = decide(job, observed, progress, self.previous, utc_now(), layout, self.body.metadata.get("generation"))
         if job is not None:
             await self.execute(decision, job, observed)
@@ -231,6 +237,29 @@ class Reconciler:
                 return with_mutable_fields(started, job)
         return job
 
+    async def memory_plan(self, job: FineTuneJob) -> Optional[tuple[bool, str]]:
+        """The planner's verdict, computed once per spec generation (config.json read at most once)."""
+        key = (self.namespace, self.name, self.body.metadata.get("generation"))
+        if key not in self.plans:
+            config = await self.model_config(job)
+            check = check_memory(job, config) if config is not None else None
+            self.plans[key] = (check.fits, check.message) if check is not None else None
+        return self.plans[key]
+
+    async def model_config(self, job: FineTuneJob) -> Optional[dict]:
+        shipped = shipped_config(job.spec.model.uri)
+        if shipped is not None:
+            return shipped
+        uri = parse_uri(job.spec.model.uri, "/")
+        if uri.scheme != "s3" or job.spec.model.gguf_file:
+            return None  # pvc/hf/GGUF configs are not read by the operator
+        try:
+            store = s3_store(uri, job.spec.storage, await storage_keys(self.api, job), attempts=2)
+            return json.loads(await asyncio.to_thread(store.get_bytes, "config.json"))
+        except Exception as err:  # noqa: BLE001 - advisory only
+            self.logger.info(f"no memory estimate: cannot read {uri}/config.json: {type(err).__name__}")
+            return None
+
     def wants_progress(self) -> bool:
         phase = self.previous.get("phase")
         if phase in (None, "Pending", "Running", "Restarting", "Merging"):
@@ -247,7 +276,7 @@ class Reconciler:
             return None
         keys = await storage_keys(self.api, job)
         try:
-            store = checkpoint_store(layout, job.spec.storage, keys, attempts=2)
+            store = s3_store(layout.checkpoints, job.spec.storage, keys, attempts=2)
             raw = await asyncio.to_thread(store.get_bytes, "progress.json")
         except FileNotFoundError:
             return None  # the trainer has not written it yet
@@ -321,8 +350,8 @@ async def storage_keys(api: Kube, job: FineTuneJob) -> dict[str, str]:
     return {k: base64.b64decode(data[k]).decode() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if k in data}
 
 
-def checkpoint_store(layout: JobLayout, storage: specmod.StorageSpec, keys: dict[str, str], attempts: int) -> S3Store:
-    """A store on the job's checkpoint prefix with explicit keys (never via os.environ)."""
+def s3_store(root: Uri, storage: specmod.StorageSpec, keys: dict[str, str], attempts: int) -> S3Store:
+    """A store on one of the job's S3 locations with explicit keys (never via os.environ)."""
     import boto3
     from botocore.config import Config
 
@@ -334,7 +363,7 @@ def checkpoint_store(layout: JobLayout, storage: specmod.StorageSpec, keys: dict
         aws_secret_access_key=keys.get("AWS_SECRET_ACCESS_KEY"),
         config=Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=3, read_timeout=10, s3={"addressing_style": "path"}),
     )
-    return S3Store(layout.checkpoints, client=client)
+    return S3Store(root, client=client)
 
 
 def status_patch(previous: dict, new: dict) -> dict:
@@ -357,7 +386,7 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, 
         return  # being deleted: `cleanup` removes the children; never recreate them
     started = time.monotonic()
     try:
-        reconciler = Reconciler(kube(memo), body, memo["settings"], logger, memo["storage_failures"])
+        reconciler = Reconciler(kube(memo), body, memo["settings"], logger, memo["storage_failures"], memo["plans"])
         decision = await reconciler.run()
     except Exception:
         metrics.RECONCILE_TOTAL.labels("error").inc()
@@ -388,6 +417,9 @@ async def cleanup(body: kopf.Body, logger: logging.Logger, memo: kopf.Memo, **_:
     if job is not None and job.spec.storage.delete_on_job_deletion:
         await delete_checkpoints(api, job, logger)
     metrics.forget_job(ns, name)
+    memo["storage_failures"].pop((ns, name), None)
+    for key in [k for k in memo["plans"] if k[:2] == (ns, name)]:
+        del memo["plans"][key]
     logger.info("children deleted; outputs kept")
 
 
@@ -399,7 +431,7 @@ async def delete_checkpoints(api: Kube, job: FineTuneJob, logger: logging.Logger
     if layout.checkpoints.scheme != "s3":
         logger.warning(f"storage.deleteOnJobDeletion: {layout.checkpoints} is not s3://; left in place")
         return
-    store = checkpoint_store(layout, job.spec.storage, await storage_keys(api, job), attempts=3)
+    store = s3_store(layout.checkpoints, job.spec.storage, await storage_keys(api, job), attempts=3)
     await asyncio.to_thread(lambda: store.delete([o.key for o in store.list()]))
     logger.info(f"deleted checkpoints under {layout.checkpoints}")
 
@@ -416,4 +448,4 @@ def build_registry(settings: Settings) -> kopf.OperatorRegistry:
 
 
 def new_memo(settings: Settings) -> kopf.Memo:
-    return kopf.Memo(settings=settings, kube=None, storage_failures={})
+    return kopf.Memo(settings=settings, kube=None, storage_failures={}, plans={})

@@ -58,6 +58,7 @@ class Observed:
     serving_ready_replicas: Optional[int] = None  # None: no Deployment
     problems: list[str] = field(default_factory=list)  # InvalidSpec messages (schema, semantics, Secret)
     spec_changes: list[str] = field(default_factory=list)  # training fields changed since the workers started
+    memory: Optional[tuple[bool, str]] = None  # (fits, message) from the memory planner; None: unknown
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,7 @@ class _Machine:
                 self.actions.append(Action.DELETE_MERGE)
                 return
         self._spec_changes()
+        self._memory()
         phase = self.phase or "Pending"
         if phase in ACTIVE or phase == "Suspended":
             self._train()
@@ -241,6 +243,15 @@ class _Machine:
                 self.events.append(Event("Warning", "SpecChangeRefused", message))
         else:
             self.status["conditions"] = drop_condition(self.status["conditions"], "SpecChangeRefused")
+
+    def _memory(self) -> None:
+        if self.observed.memory is None:
+            return
+        fits, message = self.observed.memory
+        was = next((c for c in self.status["conditions"] if c["type"] == "MemoryFits"), None)
+        self.condition("MemoryFits", "True" if fits else "False", "PlanFits" if fits else "PlanExceedsMemory", message)
+        if not fits and (was is None or was["status"] != "False" or was["message"] != message):
+            self.events.append(Event("Warning", "MemoryPlan", message))
 
     def _train(self) -> None:
         spec = self.job.spec

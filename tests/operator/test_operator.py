@@ -71,6 +71,8 @@ def test_children_appear_once_and_status_follows_pod_phases(operator, cluster, a
     api.set_pod_status("qa-bot-worker-1", "Running")
     st = wait_for(phase_is(kubectl, "Running"), what="Running")
     assert st["observedGeneration"] == 1 and st["restarts"] == 0
+    memory = next(c for c in st["conditions"] if c["type"] == "MemoryFits")  # smollm2-135m's shipped config
+    assert memory["status"] == "True" and "of 64.0 GiB" in memory["message"]
     assert wait_for(lambda: event_reasons(cluster)[:2] == ["Created", "Running"], what="events")
     # Nothing secret leaks into the status or the events.
     assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(st) + json.dumps(cluster.objects("events"))
