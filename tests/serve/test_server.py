@@ -215,3 +215,19 @@ def test_bearer_token_and_no_history(start_server, tiny):
     alone = [conversation[0], conversation[3]]
     assert answer.choices[0].message.content == _expected(tiny, engine, alone, 12)
     assert answer.usage.prompt_tokens == len(chat_ids(tiny.tokenizer, alone))
+
+
+def test_a_client_that_leaves_frees_its_place_in_the_batch(server):
+    url, engine, _ = server
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_tokens": 480, "ignore_eos": True}
+    before = engine.metrics.generated_tokens._value.get()
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break  # generation has started
+        assert engine.running == 1
+    deadline = time.monotonic() + 60
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.running == 0
+    assert engine.metrics.generated_tokens._value.get() - before < 480  # stopped early, not run to its end

@@ -69,11 +69,6 @@ class _Request(BaseModel):
                 raise APIError(400, f"{name} is not supported by this server; use repetition_penalty", param=name)
         if self.logprobs:
             raise APIError(400, "logprobs are not supported by this server", param="logprobs")
-        beams = self.num_beams or 1
-        if beams > 1 and self.stream:
-            raise APIError(400, "num_beams > 1 cannot be streamed", param="stream")
-        if beams > 1 and self.n > beams:
-            raise APIError(400, f"n ({self.n}) must not exceed num_beams ({beams})", param="n")
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_tokens
