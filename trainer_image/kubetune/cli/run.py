@@ -135,7 +135,8 @@ def train(cmd: list[str], env: dict[str, str], log_path: Path, verbose: bool) ->
         except ProcessLookupError:
             pass
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    # Ctrl-C and `kill` both stop the run cleanly, with a checkpoint.
+    previous = {sig: signal.signal(sig, on_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     columns = (
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA {task.fields[eta]}"),
@@ -152,10 +153,16 @@ def train(cmd: list[str], env: dict[str, str], log_path: Path, verbose: bool) ->
                 _apply(event, result, progress, task)
         result.returncode = proc.wait()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            # torchrun's workers run in their own sessions: let torchrun stop them.
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         log.close()
     result.seconds = time.monotonic() - started
     result.log_tail = list(tail)
@@ -337,9 +344,16 @@ def is_correct(answer: str, expect: list[str]) -> Optional[bool]:
     return any(e.casefold() in folded for e in expect)
 
 
-def ask_all(url: str, questions: list[dict], max_tokens: int) -> list[str]:
-    # Greedy, one question per conversation: the answer reflects the model, not the dice.
-    return [chat(url, [{"role": "user", "content": q["question"]}], temperature=0.0, max_tokens=max_tokens) for q in questions]
+def ask_all(url: str, questions: list[dict], max_tokens: int, parallel: int = 8) -> list[str]:
+    """Greedy answers, one question per conversation (the answer reflects the model, not the
+    dice), sent concurrently so the server batches them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(q: dict) -> str:
+        return chat(url, [{"role": "user", "content": q["question"]}], temperature=0.0, max_tokens=max_tokens)
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        return list(pool.map(ask, questions))
 
 
 def score(questions: list[dict], answers: list[str], base_answers: Optional[list[str]]) -> dict[str, dict[str, int]]:
@@ -393,7 +407,12 @@ def score_lines(scores: dict[str, dict[str, int]], compared: bool) -> list[str]:
 # the command
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds: servers and the embedded S3 stop
+
+
 def run_command(args) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     job_path = Path(args.job).resolve()
     job, problems = job_problems(args.job, on_cluster=False)
     if problems:
