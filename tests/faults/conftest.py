@@ -7,6 +7,7 @@ checkpoint tests' own, imported from tests/checkpoint/conftest.py rather than co
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,8 @@ def outage_s3(_outage_server, monkeypatch):
     yield _outage_server
     if _outage_server.proc is None:
         _outage_server.start()
+
+# The operator tests' harness (operator_harness, kube_emulator) is imported by module name.
+_operator_tests = str(Path(__file__).resolve().parents[1] / "operator")
+if _operator_tests not in sys.path:
+    sys.path.insert(0, _operator_tests)

@@ -22,7 +22,8 @@ import helm_python as helm
 import pytest
 import yaml
 
-from operator_harness import harness
+import operator_harness as harness
+from kube_emulator import Cluster
 from kubetune.progress import Progress
 from kubetune.testing import SeaweedS3, free_port
 from kubetune_operator.settings import Settings
@@ -66,7 +67,7 @@ def life(tmp_path_factory):
     job and deletion); return what the cluster, the logs and /metrics saw."""
     tmp = tmp_path_factory.mktemp("life")
     s3 = CanaryS3(tmp / "s3", buckets=("checkpoints",)).start()
-    cluster = harness.Cluster(tmp).start()
+    cluster = Cluster(tmp).start()
     api, kubectl = harness.Api(cluster.url), harness.Kubectl(cluster, tmp)
     settings = Settings(reconcile_interval=0.3, metrics_port=free_port(), liveness_port=free_port(), trainer_image="kubetune/trainer:test",
                         progress_retry_seconds=0.5)  # fmt: skip

@@ -1,0 +1,11 @@
+"""The operator tests' harness (kmock cluster, real kubectl, in-process operator) is imported
+from tests/operator by module name (operator_harness, kube_emulator), not copied."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_operator_tests = str(Path(__file__).resolve().parents[1] / "operator")
+if _operator_tests not in sys.path:
+    sys.path.insert(0, _operator_tests)
