@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from conftest import Api
+from operator_harness import Api
 from kube_emulator import Cluster
 from kubetune.testing import free_port
 

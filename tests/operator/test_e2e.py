@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import wait_for
+from operator_harness import wait_for
 from kubelet import Kubelet
 from kubetune.storage import open_store
 

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from conftest import wait_for
+from operator_harness import wait_for
 from kubelet import Kubelet
 
 pytestmark = pytest.mark.timeout(60)

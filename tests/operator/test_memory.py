@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from kubetune.planner import shipped_config
 from kubetune_operator.memory import check_memory, gpu_memory_bytes
 from kubetune_operator.status import Observed, decide
 
 from operator_helpers import example
-from test_status import NOW
+
+NOW = datetime(2026, 11, 22, 12, 0, 0)
 
 
 def test_gpu_memory_from_node_labels():

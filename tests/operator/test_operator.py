@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO, Operator, wait_for
+from operator_harness import REPO, Operator, wait_for
 
 EXAMPLE = REPO / "examples" / "lora-multinode.yaml"
 WORKERS = ("qa-bot-worker-0", "qa-bot-worker-1")
