@@ -8,7 +8,9 @@ answers the same requests one at a time with `model.generate` (greedy) in this p
 the same thread count. Both sides generate exactly `max_tokens` per request (the server with
 `ignore_eos`, the baseline with `min_new_tokens`), and the generated token counts are
 compared (equal work) before any ratio is given. Baseline latency is the time per request
-alone, without queueing behind other clients.
+alone, without queueing behind other clients. Torch uses `threads` threads on both sides
+(default 1: on a 2-core machine the other core runs HTTP and the clients; more threads than
+free cores makes OpenMP spin and both sides slow down erratically).
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def run(
     from kubetune.testing import free_port
 
     max_tokens = max_tokens or (16 if quick else 64)
-    threads = threads or min(os.cpu_count() or 1, 2)
+    threads = threads or 1
     torch.set_num_threads(threads)
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-serve-bench-"))
     loaded = load_model(str(model_dir), cache_dir=workdir / "cache")

@@ -365,8 +365,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     for name in ("max_queue", "max_batch", "port"):
-        if getattr(args, name) < (0 if name == "max_queue" else 1):
-            p.error(f"--{name.replace('_', '-')} must be positive")
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 
