@@ -53,11 +53,16 @@ def torchrun(job: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=540, env=env(tmp_path))
 
 
+PREEMPTED_JOB = dict(
+    method={"type": "lora", "lora": {"r": 4, "dropout": 0.1, "targetModules": ["all-linear"]}},
+    training={"maxSteps": 40, "learningRate": 0.01, "microBatchSize": 2, "maxLength": 64, "logEverySteps": 1,
+              "eval": {"generate": True, "maxSamples": 2, "maxNewTokens": 3}},
+    checkpoint={"everySteps": 1000, "keep": 2},
+)
+
+
 def test_preempt_resume_metrics_and_merge(tmp_path, tiny_model_dir):
-    job = write_job(tmp_path, tiny_model_dir, "pre", method={"type": "lora", "lora": {"r": 4, "targetModules": ["all-linear"]}},
-                    training={"maxSteps": 40, "learningRate": 0.01, "microBatchSize": 2, "maxLength": 64, "logEverySteps": 1,
-                              "eval": {"generate": True, "maxSamples": 2, "maxNewTokens": 3}},
-                    checkpoint={"everySteps": 1000, "keep": 2})
+    job = write_job(tmp_path, tiny_model_dir, "pre", **PREEMPTED_JOB)
     port = free_port()
     cmd = [sys.executable, "-m", "kubetune.train.main", "--job", str(job)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(tmp_path, port))
@@ -94,6 +99,18 @@ def test_preempt_resume_metrics_and_merge(tmp_path, tiny_model_dir):
     assert [s for s, _ in summary["losses"]] == list(range(1, 41))  # losses from before the preemption kept
     assert summary["final_loss"] < summary["first_loss"]
     assert len((tmp_path / "runs/pre/output/metrics.jsonl").read_text().splitlines()) >= 40 - stopped["step"]
+
+    # Resuming is exact: the same losses as a run that was never interrupted (data position,
+    # optimizer, scheduler and dropout RNG all restored).
+    straight_dir = tmp_path / "straight"
+    straight_dir.mkdir()
+    straight = subprocess.run([sys.executable, "-m", "kubetune.train.main", "--job", str(write_job(straight_dir, tiny_model_dir, "pre", **PREEMPTED_JOB))],
+                              capture_output=True, text=True, timeout=300, env=env(tmp_path))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    reference = json.loads((straight_dir / "runs/pre/output/summary.json").read_text())["losses"]
+    assert [s for s, _ in reference] == [s for s, _ in summary["losses"]]
+    for (_, want), (_, got) in zip(reference, summary["losses"]):
+        assert got == pytest.approx(want, rel=1e-5)
 
     merged = subprocess.run(cmd + ["--merge"], capture_output=True, text=True, timeout=300, env=env(tmp_path))
     assert merged.returncode == 0, merged.stderr[-3000:]
