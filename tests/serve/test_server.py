@@ -107,6 +107,11 @@ def test_completions_and_models(server, tiny):
     assert [c.index for c in answer.choices] == [0, 1]
     streamed = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=10, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == answer.choices[0].text
+    as_ids = client.completions.create(model="tiny", prompt=tiny.tokenizer(prompts[0])["input_ids"], max_tokens=10, temperature=0)
+    assert as_ids.choices[0].text == answer.choices[0].text
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt=[1, 10**6], max_tokens=3)
+    assert err.value.body["param"] == "prompt"
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
 
