@@ -136,3 +136,44 @@ def test_questions_file_errors_name_the_line(tmp_path):
     path.write_text('{"question": "ok"}\n\n{"expect": ["x"]}\n')
     with pytest.raises(ValueError, match=r"q.jsonl:3: expected"):
         run_cli.load_questions(path)
+
+
+@pytest.mark.slow
+def test_embedded_s3_run_keeps_outputs_in_its_own_server(tmp_path, tiny_model_dir, monkeypatch):
+    import re
+    import socket
+
+    from kubetune.storage import open_store
+    from kubetune.testing import SeaweedS3
+
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}?", "response": f"a{i}."}) + "\n" for i in range(8)))
+    job = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "s3run"},
+        "spec": {
+            "model": {"uri": str(tiny_model_dir)},
+            "dataset": {"uri": "qa.jsonl"},
+            "method": {"type": "lora", "lora": {"r": 4, "targetModules": ["q_proj", "v_proj"]}},
+            "training": {"maxSteps": 3, "maxLength": 32},
+            "distributed": {"gpusPerNode": 1, "zero": {"stage": 0}},
+            "checkpoint": {"uri": "s3://checkpoints/s3run", "everySteps": 3},
+            "output": {"uri": "s3://outputs/s3run", "merge": True},
+        },
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    proc = kubetune("run", str(path), "--embedded-s3", cwd=tmp_path)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    port = int(re.search(r"embedded S3 at http://127.0.0.1:(\d+) \(buckets: checkpoints, outputs\)", out).group(1))
+    with pytest.raises(OSError):  # stopped after the run
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    # The data stayed in runs/NAME/s3: a server on that folder has the checkpoint and the merged model.
+    with SeaweedS3(tmp_path / "runs" / "s3run" / "s3") as server:
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        outputs = {o.key for o in open_store("s3://outputs/s3run").list()}
+        checkpoints = {o.key for o in open_store("s3://checkpoints/s3run").list()}
+    assert {"model/config.json", "adapter/adapter_config.json", "metrics.jsonl", "summary.json"} <= outputs
+    assert "step-000000003/manifest.json" in checkpoints and "progress.json" in checkpoints
