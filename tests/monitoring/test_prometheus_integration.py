@@ -178,6 +178,8 @@ def recorded(tmp_path_factory, tiny_model_dir, seaweed):
         answered = [chat(serve_port, f"What is {i} plus 1?") for i in range(4)]
         assert chat(serve_port, None) == 400  # a request without messages: a client error, not a 5xx
         server.wait_for(f'sum(kubetune_serve_requests_total{{endpoint="/v1/chat/completions"}}) >= {len(answered) + 1}')
+        # rate() needs two samples: wait until even the newest series (the error) has a few.
+        server.wait_for("count_over_time(kubetune_serve_errors_total[5m]) >= 3")
         yield SimpleNamespace(server=server, events=events, liveness_port=liveness_port, answered=answered,
                               warmup_tokens=warmup_tokens)
     finally:
