@@ -1,9 +1,10 @@
-"""A minimal DeepSpeed training loop driving CheckpointManager and save_trained, for the
-kill/resume/preemption/export tests (run under torchrun). Independent of kubetune.train so
-the checkpoint layer is tested on its own.
+"""A minimal DeepSpeed LoRA training loop around CheckpointManager, independent of
+kubetune.train, run under torchrun by the random-kill tests (tests/faults). It starts in a
+few seconds less than the trainer and saves every `--every` steps.
 
 Data and dropout come from the global torch RNG (seeded per rank), so an exact resume needs
-model, optimizer, scheduler *and* RNG restored. Rank 0 prints JSON lines on stdout.
+model, optimizer, scheduler *and* RNG restored. Rank 0 prints JSON lines on stdout; the
+final weights (gathered under ZeRO-3) go to --weights-out.
 """
 
 from __future__ import annotations
@@ -11,21 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
 import deepspeed
 import torch
-import torch.distributed as dist
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
 
-from kubetune import exitcodes
-from kubetune.checkpoint import CheckpointManager, RetryPolicy, WorldSizeMismatch
-from kubetune.export import full_state_dict, save_trained
-from kubetune.layout import job_layout
-from kubetune.spec import parse_job
+from kubetune.checkpoint import CheckpointManager, RetryPolicy
+from kubetune.export import full_state_dict
 
 
 def parse_args() -> argparse.Namespace:
@@ -37,29 +34,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--every", type=int, default=2)
     p.add_argument("--keep", type=int, default=2)
     p.add_argument("--stage", type=int, default=2)
-    p.add_argument("--method", choices=["lora", "full"], default="lora")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--weights-out")
-    p.add_argument("--export-dir")
-    p.add_argument("--die-uploading", type=int, help="rank 1 SIGKILLs itself after its first upload of this step")
     return p.parse_args()
 
 
 def build(args):
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    if args.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
         "train_batch_size": 2 * int(os.environ.get("WORLD_SIZE", "1")),
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": args.stage},
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2 if args.method == "lora" else 1e-3, "torch_adam": True, "weight_decay": 0.01}},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True, "weight_decay": 0.01}},
         "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 2, "total_num_steps": args.steps, "warmup_max_lr": 1e-2}},
         "steps_per_print": 10**9,
     }
@@ -80,30 +71,14 @@ def main() -> int:
         world_size=world,
         retry=RetryPolicy(attempts=3, first_delay=0.5),
     )
-    if args.die_uploading is not None and rank == 1:
-        put_file = manager.store.put_file
-
-        def put_then_die(local, key):
-            put_file(local, key)
-            if key.startswith(f"step-{args.die_uploading:09d}/"):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        manager.store.put_file = put_then_die
 
     def emit(**event) -> None:
         if rank == 0:
             print(json.dumps(event), flush=True)
 
-    stop = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
-
     torch.manual_seed(args.seed * 1000 + rank)
     step = 0
-    try:
-        state = manager.resume(engine)
-    except WorldSizeMismatch as err:
-        print(str(err), file=sys.stderr, flush=True)
-        return exitcodes.INVALID_INPUT
+    state = manager.resume(engine)
     if state is not None:
         step = state["step"]
         emit(event="resume", **{"from": manager.loaded}, step=step)
@@ -116,32 +91,12 @@ def main() -> int:
         step += 1
         emit(event="step", step=step, loss=loss.item())
         time.sleep(args.step_sleep)
-        flag = torch.tensor([1 if stop["flag"] else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            emit(event="checkpoint", step=step, name=manager.save(engine, step, {"step": step}))
-            emit(event="preempted", step=step)
-            return exitcodes.PREEMPTED
         if step % args.every == 0 or step == args.steps:
             emit(event="checkpoint", step=step, name=manager.save(engine, step, {"step": step}))
 
     weights = full_state_dict(engine, engine.module)
     if rank == 0 and args.weights_out:
         torch.save(weights, args.weights_out)
-    if args.export_dir:
-        job = parse_job(
-            {
-                "metadata": {"name": "export-test"},
-                "spec": {
-                    "model": {"uri": args.model},
-                    "dataset": {"uri": "unused.jsonl"},
-                    "method": {"type": args.method},
-                    "output": {"uri": args.export_dir},
-                },
-            }
-        )
-        outputs = save_trained(engine, engine.module, AutoTokenizer.from_pretrained(args.model), job, job_layout(job), args.model)
-        emit(event="done", step=step, outputs=outputs)
     return 0
 
 
