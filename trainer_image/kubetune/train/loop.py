@@ -115,10 +115,13 @@ class StatusWriter:
         self.retry = RetryPolicy.from_env()
         self.progress = Progress(world_size=world_size)
         self.metrics_lines: list[str] = []
+        self._stores: dict[str, Any] = {}
 
     def _put(self, store_uri, key: str, data: bytes) -> None:
         if self.enabled:
-            store = open_store(store_uri, endpoint=self.endpoint)
+            store = self._stores.get(str(store_uri))
+            if store is None:
+                store = self._stores[str(store_uri)] = open_store(store_uri, endpoint=self.endpoint)
             with_retry(self.retry, f"writing {store_uri}/{key}", store.put_bytes, key, data)
 
     def update(self, **fields) -> None:
@@ -133,6 +136,16 @@ class StatusWriter:
             self.update(phase="failed", error=error[:2000])
         except Exception as err:  # noqa: BLE001
             log.warning("could not record the failure in progress.json: %s", err)
+
+    def restore_metrics(self, step: int) -> None:
+        """After a resume, keep the metrics.jsonl lines of steps up to the checkpoint's."""
+        if not self.enabled:
+            return
+        try:
+            raw = open_store(self.layout.output, endpoint=self.endpoint).get_bytes("metrics.jsonl").decode()
+        except FileNotFoundError:
+            return
+        self.metrics_lines = [line + "\n" for line in raw.splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
 
     def flush_metrics(self) -> None:
         if self.metrics_lines:
@@ -173,13 +186,13 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in model_inputs(batch).items()}
 
 
-def _reduce(values: list[float], device, average_over: int = 1) -> list[float]:
+def _sum_over_ranks(values: list[float], device) -> list[float]:
     import torch
     import torch.distributed as dist
 
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    return [v / average_over for v in tensor.tolist()]
+    return tensor.tolist()
 
 
 def run(job: FineTuneJob, base_dir: Optional[Path]) -> int:
@@ -269,7 +282,7 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
     optimizer = None
     if uses_client_optimizer(ds_config):
         optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS)
-    engine, _, _, scheduler = deepspeed.initialize(
+    engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=groups,
         optimizer=optimizer,
@@ -292,9 +305,14 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
     if client_state is not None:
         state = RunState(**{k: v for k, v in client_state.items() if k in RunState.__dataclass_fields__})
 
+    if client_state is not None:
+        status.restore_metrics(state.step)
     metrics = TrainMetrics(job.metadata.name)
     if dist_info.main:
-        metrics.serve()
+        try:
+            metrics.serve()
+        except OSError as err:  # a busy port must not stop training
+            log.warning("Prometheus metrics not served: %s", err)
         emit("start", total_steps=steps, world_size=world, trainable_params=trainable, total_params=total,
              train_samples=len(samples), validation_samples=len(val_samples), rows=len(rows), precision=precision,
              zero_stage=spec.distributed.zero.stage)
@@ -356,7 +374,7 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
             state.step += 1
             epoch_progress = state.epoch + state.micro_batch / len(batches)
             if state.step % t.log_every_steps == 0 or state.step == steps:
-                mean_loss, tokens = _reduce([window_loss / max(1, window_micro), window_tokens], device)
+                mean_loss, tokens = _sum_over_ranks([window_loss / max(1, window_micro), window_tokens], device)
                 mean_loss /= world
                 elapsed = time.monotonic() - window_start
                 grad_norm = engine.get_global_grad_norm()
