@@ -127,13 +127,15 @@ def _changed(model, base) -> set[str]:
     return {n for n, p in model.named_parameters() if not torch.equal(p, theirs[n])}
 
 
-def test_two_processes_zero2_freeze_exports_loadable_weights(tmp_path, tiny_model_dir):
+def test_two_processes_zero2_freeze_packed_exports_loadable_weights(tmp_path, tiny_model_dir):
     job = write_job(tmp_path, tiny_model_dir, "z2", method={"type": "freeze", "freeze": {"lastLayers": 1}},
-                    distributed={"zero": {"stage": 2}})
+                    distributed={"zero": {"stage": 2}},
+                    training={"maxSteps": 6, "learningRate": 0.01, "microBatchSize": 1, "maxLength": 64, "logEverySteps": 1, "packing": True})
     proc = torchrun(job, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = events(proc.stdout)
     assert out[0]["world_size"] == 2 and out[-1]["event"] == "done" and out[-1]["step"] == 6
+    assert out[0]["rows"] < out[0]["train_samples"]  # packed: several samples per row
     assert all(e["grad_norm"] > 0 for e in out if e["event"] == "step")
     from transformers import AutoModelForCausalLM
 
