@@ -1,0 +1,136 @@
+"""The output storage refuses writes: a real SeaweedFS server whose credentials may write
+checkpoints but get AccessDenied on the output bucket. The trainer's first output write (the
+metrics.jsonl flush at the first checkpoint; the export would be the next) fails: it must not
+report success (exit STORAGE_ERROR, no "done" event, progress.json phase failed, no adapter
+published), and the operator, seeing that exit code, must not mark the job Succeeded or merge.
+Once the storage is fixed, a restart resumes from the newest committed checkpoint and exports:
+at most one checkpoint interval is trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from kube_emulator import Cluster
+
+import operator_harness as harness
+from kubetune import exitcodes
+from kubetune.progress import parse_progress
+from kubetune.storage import open_store
+from kubetune.testing import SeaweedS3
+
+pytestmark = pytest.mark.slow
+
+STEPS, EVERY = 4, 2
+
+
+class OutputDeniedS3(SeaweedS3):
+    """Writes to the output bucket are refused until `deny_outputs` is cleared and the server restarted."""
+
+    deny_outputs = True
+
+    def _write_config(self) -> Path:
+        actions = ["Read", "List", "Tagging", "Write:checkpoints"] if self.deny_outputs else ["Admin", "Read", "List", "Tagging", "Write"]
+        config = {"identities": [{"name": "kubetune", "credentials": [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}], "actions": actions}]}
+        path = self.dir / "s3.json"
+        path.write_text(json.dumps(config))
+        return path
+
+
+def write_job(tmp_path, model_dir, output: str, checkpoints: str):
+    records = [{"prompt": f"What is {i} plus {i}?", "response": f"{2 * i}"} for i in range(16)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    spec = {
+        "model": {"uri": str(model_dir)},
+        "dataset": {"uri": "data.jsonl"},
+        "method": {"type": "lora", "lora": {"r": 4, "targetModules": ["q_proj", "v_proj"]}},
+        "training": {"maxSteps": STEPS, "learningRate": 0.01, "microBatchSize": 2, "maxLength": 48, "logEverySteps": 1},
+        "checkpoint": {"uri": checkpoints, "everySteps": EVERY, "keep": 2},
+        "output": {"uri": output, "merge": False},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "export-fault"}, "spec": spec}))
+    return path
+
+
+def train(job, env) -> tuple[int, list[dict], str]:
+    run = subprocess.run([sys.executable, "-m", "kubetune.train.main", "--job", str(job)], capture_output=True, text=True, timeout=540, env=env)
+    return run.returncode, [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")], run.stderr
+
+
+@pytest.fixture
+def denying_s3(tmp_path, monkeypatch):
+    server = OutputDeniedS3(tmp_path / "s3", buckets=("checkpoints", "outputs"))
+    server.deny_outputs = False  # creating buckets needs Admin
+    server.start()
+    server.stop()
+    server.buckets, server.deny_outputs = (), True
+    server.start()
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+    yield server
+    server.stop()
+
+
+def test_failed_export_is_not_success_and_a_restart_exports_without_retraining(tmp_path, tiny_model_dir, denying_s3):
+    output, checkpoints = "s3://outputs/export-fault", "s3://checkpoints/export-fault"
+    job = write_job(tmp_path, tiny_model_dir, output, checkpoints)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KUBETUNE_METRICS_PORT": "0", "KUBETUNE_CACHE_DIR": str(tmp_path / "cache"),
+           "KUBETUNE_S3_MAX_ATTEMPTS": "1", "KUBETUNE_STORAGE_ATTEMPTS": "2", "KUBETUNE_STORAGE_RETRY_DELAY": "0.1"}  # fmt: skip
+
+    code, events, stderr = train(job, env)
+    assert code == exitcodes.STORAGE_ERROR, stderr[-3000:]
+    assert not [e for e in events if e["event"] == "done"]
+    assert "s3://outputs/export-fault" in stderr and "denied" in stderr
+    assert parse_progress(open_store(checkpoints).get_bytes("progress.json")).phase == "failed"
+    assert not open_store(output).list()  # nothing half-published
+    reached = max(e["step"] for e in events if e["event"] == "step")
+    committed = max((e["step"] for e in events if e["event"] == "checkpoint"), default=0)
+
+    denying_s3.stop()
+    denying_s3.deny_outputs = False
+    denying_s3.start()
+    code, events, stderr = train(job, env)
+    assert code == exitcodes.OK, stderr[-3000:]
+    resumed = next((e["step"] for e in events if e["event"] == "resume"), 0)
+    assert resumed == committed and reached - resumed <= EVERY
+    assert [e["step"] for e in events if e["event"] == "step"] == list(range(resumed + 1, STEPS + 1))
+    done = [e for e in events if e["event"] == "done"][0]
+    assert done["outputs"]["adapter"] == f"{output}/adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {o.key for o in open_store(f"{output}/adapter").list()}
+    assert parse_progress(open_store(checkpoints).get_bytes("progress.json")).phase == "done"
+
+
+def test_operator_does_not_call_a_storage_error_success(tmp_path):
+    cluster = Cluster(tmp_path).start()
+    api, kubectl = harness.Api(cluster.url), harness.Kubectl(cluster, tmp_path)
+    os.environ["KUBETUNE_API_SERVER"] = cluster.url
+    operator = harness.Operator(cluster, harness_settings()).start()
+    try:
+        api.create_secret("s3-credentials", {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"})
+        kubectl.apply(harness.REPO / "examples" / "lora-multinode.yaml")
+        harness.wait_for(lambda: {"qa-bot-worker-0", "qa-bot-worker-1"} <= set(cluster.objects("pods")), timeout=60, what="workers")
+        cluster.run(lambda e: e.logs.__setitem__(("default", "qa-bot-worker-0"), "kubetune.storage.StorageError: s3://models/qa-bot/adapter: upload failed\n"))
+        api.set_pod_status("qa-bot-worker-1", "Succeeded", exit_code=0)
+        api.set_pod_status("qa-bot-worker-0", "Failed", exit_code=exitcodes.STORAGE_ERROR)
+        status = harness.wait_for(lambda: (kubectl.get_json("ftj", "qa-bot").get("status") or {}).get("restarts") == 1
+                                  and kubectl.get_json("ftj", "qa-bot")["status"], timeout=60, what="gang restart")  # fmt: skip
+        assert status["phase"] in ("Restarting", "Pending", "Running") and not status.get("outputs", {}).get("mergedUri")
+        assert "qa-bot-merge" not in cluster.objects("pods")
+    finally:
+        operator.stop()
+        os.environ.pop("KUBETUNE_API_SERVER", None)
+        cluster.stop()
+
+
+def harness_settings():
+    from kubetune.testing import free_port
+    from kubetune_operator.settings import Settings
+
+    return Settings(reconcile_interval=0.3, metrics_port=free_port(), liveness_port=free_port(), trainer_image="kubetune/trainer:test")
