@@ -123,3 +123,22 @@ def test_dataset_from_s3(tmp_path, s3_env, seaweed):
     examples = load_examples(spec.uri, spec, tmp_path / "cache")
     assert [e.messages for e in examples][2] == [{"role": "user", "content": "i2"}, {"role": "assistant", "content": "o2"}]
     assert examples[1].source == "s3://data/sets/alpaca.jsonl:2"
+
+
+def test_a_template_refusing_a_conversation_names_the_record(tiny_tokenizer):
+    from kubetune.data.loader import Example
+    from kubetune.data.tokenize import tokenize_examples
+
+    strict = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    good, _ = tokenize_examples(strict, [Example([U1, A1], "d.jsonl:1")], LengthLimits(64), plain_text=False)
+    assert trained_runs(strict, good[0]) == [" a1\n"]  # the space merged into the answer's first token
+    with pytest.raises(TemplateError) as err:
+        tokenize_examples(strict, [Example([SYS, U1, A1], "d.jsonl:2")], LengthLimits(64), plain_text=False)
+    assert str(err.value) == (
+        "d.jsonl:2: the chat template refused this conversation (System role not supported); some templates accept "
+        "no system turn or need strictly alternating turns: fix the data or set spec.model.chatTemplate"
+    )

@@ -5,7 +5,8 @@ end-of-turn marker that follows the content); everything else is -100. The assis
 are found by rendering the conversation prefix by prefix as text: the characters added by
 rendering turn i after `add_generation_prompt` of turns < i are that turn's answer. Tokens
 are then mapped to characters with the tokenizer's offsets, so this works for any template
-(ChatML, Llama 3, ChatGLM, ...) without knowing its markup.
+(ChatML, Llama 3, ChatGLM, ...) without knowing its markup; a token that straddles the edge
+of an answer (a space merged with the first word) counts as part of the answer.
 
 Length limits (documented truncation; a "turn" is the prompt part before an answer plus
 that answer):
@@ -147,7 +148,9 @@ def tokenize_messages(tokenizer, messages: list[Message], limits: LengthLimits) 
     text, spans = assistant_char_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
-    trained = [any(lo <= start < hi for lo, hi in spans) for start, _ in enc["offset_mapping"]]
+    # A token that straddles a span edge (e.g. " a" when the template puts a space before
+    # the answer) is trained: otherwise the answer's first token would never be learned.
+    trained = [any(start < hi and end > lo for lo, hi in spans) for start, end in enc["offset_mapping"]]
     turns = _turns(ids, trained)
     kept = truncate_turns(turns, limits)
     input_ids, labels = [], []
@@ -174,6 +177,21 @@ def _first_label_ignored(sample: Sample) -> Sample:
     return sample
 
 
+def _tokenize_chat(tokenizer, example, limits: LengthLimits) -> tuple[Sample, bool]:
+    """tokenize_messages with errors that name the record (templates may refuse some turns)."""
+    from jinja2.exceptions import TemplateError as JinjaError
+
+    try:
+        return tokenize_messages(tokenizer, example.messages, limits)
+    except TemplateError as err:
+        raise TemplateError(f"{example.source}: {err}") from None
+    except JinjaError as err:
+        raise TemplateError(
+            f"{example.source}: the chat template refused this conversation ({err}); some templates accept no "
+            "system turn or need strictly alternating turns: fix the data or set spec.model.chatTemplate"
+        ) from None
+
+
 def tokenize_examples(tokenizer, examples, limits: LengthLimits, plain_text: bool) -> tuple[list[Sample], TokenizeStats]:
     """Tokenize every example; samples without a trained token are dropped and counted."""
     stats = TokenizeStats()
@@ -182,7 +200,7 @@ def tokenize_examples(tokenizer, examples, limits: LengthLimits, plain_text: boo
         if plain_text:
             sample, truncated = tokenize_text(tokenizer, example.messages[0]["content"], limits)
         else:
-            sample, truncated = tokenize_messages(tokenizer, example.messages, limits)
+            sample, truncated = _tokenize_chat(tokenizer, example, limits)
         stats.truncated += truncated
         if sample.trained_tokens == 0:
             stats.dropped += 1
