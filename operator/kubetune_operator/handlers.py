@@ -85,6 +85,7 @@ def login(memo: kopf.Memo, **kwargs: Any) -> Optional[kopf.ConnectionInfo]:
 async def close_client(memo: kopf.Memo, **_: Any) -> None:
     if memo.get("kube") is not None:
         await memo["kube"].close()
+    metrics.forget_all_jobs()
     metrics.stop()
 
 
@@ -276,7 +277,7 @@ class Reconciler:
             return None
         keys = await storage_keys(self.api, job)
         try:
-            store = s3_store(layout.checkpoints, job.spec.storage, keys, attempts=2)
+            store = s3_store(layout.checkpoints, job.spec.storage, keys, attempts=1)  # the next cycle retries
             raw = await asyncio.to_thread(store.get_bytes, "progress.json")
         except FileNotFoundError:
             return None  # the trainer has not written it yet

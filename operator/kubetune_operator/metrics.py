@@ -58,6 +58,14 @@ def forget_job(namespace: str, name: str) -> None:
         _remove(gauge, namespace, name)
 
 
+def forget_all_jobs() -> None:
+    """Drop every job's series (the operator stops; a new one in this process starts clean)."""
+    with _lock:
+        jobs = list(_phases)
+    for namespace, name in jobs:
+        forget_job(namespace, name)
+
+
 def _remove(metric, *labels: str) -> None:
     try:
         metric.remove(*labels)
