@@ -83,3 +83,12 @@ def test_command_line_exit_code_and_stderr(tmp_path, tiny_model_dir):
     assert proc.stdout == ""
     assert proc.stderr.strip().endswith(
         f"kubetune-train: {tmp_path}/data.jsonl:1: invalid JSON: Expecting property name enclosed in double quotes (column 2)")
+
+
+def test_merge_without_an_adapter_method_is_refused(tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job(str(tiny_model_dir), method={"type": "full"})))
+    assert execute(parse_args(["--job", str(tmp_path / "job.yaml"), "--merge"])) == exitcodes.INVALID_INPUT
+    assert capsys.readouterr().err.strip() == (
+        "kubetune-train --merge: nothing to merge: method.type 'full' with output.merge True "
+        "(merging needs method.type lora or qlora and output.merge: true)"
+    )

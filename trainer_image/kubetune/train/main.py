@@ -61,7 +61,12 @@ def execute(args: argparse.Namespace) -> int:
             from ..export import run_merge
             from .events import emit
 
-            emit("done", step=None, outputs=run_merge(job, base_dir), summary={"merged": True})
+            try:
+                outputs = run_merge(job, base_dir)
+            except (ValueError, FileNotFoundError) as err:  # nothing to merge, or no adapter yet
+                print(f"kubetune-train --merge: {err}", file=sys.stderr)
+                return exitcodes.INVALID_INPUT
+            emit("done", step=None, outputs=outputs, summary={"merged": True})
             return exitcodes.OK
         from .loop import run
 
