@@ -31,9 +31,9 @@ import kopf
 
 from kubetune import spec as specmod
 from kubetune.layout import JobLayout, LayoutError, job_layout
+from kubetune.planner import shipped_config
 from kubetune.progress import Progress, parse_progress
 from kubetune.spec import FineTuneJob, SpecError, parse_job
-from kubetune.planner import shipped_config
 from kubetune.storage import S3Store
 from kubetune.uri import Uri, parse_uri
 from kubetune.validation import check_job

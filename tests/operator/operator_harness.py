@@ -20,7 +20,6 @@ from typing import Any, Callable, Optional
 import kopf
 
 from kube_emulator import Cluster
-from kubetune.testing import free_port
 from kubetune_operator.handlers import build_registry, new_memo
 from kubetune_operator.settings import Settings
 
