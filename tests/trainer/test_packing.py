@@ -57,3 +57,20 @@ def test_order_is_a_function_of_seed_and_epoch_and_ranks_split_each_step():
     seen = [i for mb in r0 + r1 for i in mb]
     assert len(seen) == 16 and set(seen) == set(range(10))
     assert total_steps(plan, epochs=1.5, max_steps=None) == 3 and total_steps(plan, None, 7) == 7
+
+
+def test_length_grouping_keeps_each_steps_rows_and_cuts_padding():
+    lengths = [3, 50, 4, 48, 5, 47, 6, 49]
+    plan = BatchPlan(rows=8, micro_batch_size=2, accumulation=2, world_size=1)
+    plain = plan.micro_batches(seed=3, epoch=0, shuffle=True, rank=0)
+    grouped = plan.micro_batches(seed=3, epoch=0, shuffle=True, rank=0, lengths=lengths)
+    for step in range(2):  # same rows in every optimizer step, only dealt differently
+        assert sorted(sum(plain[2 * step : 2 * step + 2], [])) == sorted(sum(grouped[2 * step : 2 * step + 2], []))
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in mb) * len(mb) - sum(lengths[i] for i in mb) for mb in batches)
+
+    assert padding(grouped) < padding(plain)
+    for step in range(2):  # each step's rows are dealt longest first
+        dealt = [lengths[i] for i in sum(grouped[2 * step : 2 * step + 2], [])]
+        assert dealt == sorted(dealt, reverse=True)

@@ -82,11 +82,20 @@ class BatchPlan:
         # The last step of an epoch is filled up by wrapping around to the epoch's start.
         return max(1, -(-self.rows // self.rows_per_step))
 
-    def micro_batches(self, seed: int, epoch: int, shuffle: bool, rank: int) -> list[list[int]]:
-        """This rank's micro batches (row indices) for one epoch, in order."""
+    def micro_batches(self, seed: int, epoch: int, shuffle: bool, rank: int, lengths: Optional[list[int]] = None) -> list[list[int]]:
+        """This rank's micro batches (row indices) for one epoch, in order.
+
+        With `lengths`, the rows of each optimizer step are sorted by length before they are
+        dealt out: a step still trains on the same rows, but each micro batch holds rows of
+        similar length (less padding) and all ranks get similar lengths at the same time
+        (less waiting for the slowest rank).
+        """
         order = epoch_order(self.rows, seed, epoch, shuffle)
         needed = self.steps_per_epoch * self.rows_per_step
         order = (order * (-(-needed // len(order))))[:needed]
+        if lengths is not None:
+            per_step = self.rows_per_step
+            order = [i for s in range(0, needed, per_step) for i in sorted(order[s : s + per_step], key=lambda i: -lengths[i])]
         mb, world = self.micro_batch_size, self.world_size
         batches = []
         for k in range(needed // (mb * world)):

@@ -255,6 +255,7 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
     rows = rows_from_samples(samples, t.max_length, t.packing, t.seed)
     val_rows = rows_from_samples(val_samples, t.max_length, t.packing, t.seed)
     plan = BatchPlan(len(rows), t.micro_batch_size, t.gradient_accumulation_steps, world)
+    row_lengths = [len(r) for r in rows]
     steps = total_steps(plan, t.epochs, t.max_steps)
 
     # 3. Weights and method.
@@ -355,7 +356,7 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
     steps_at_start = state.step
     engine.train()
     while state.step < steps:
-        batches = plan.micro_batches(t.seed, state.epoch, spec.dataset.shuffle, rank)
+        batches = plan.micro_batches(t.seed, state.epoch, spec.dataset.shuffle, rank, lengths=row_lengths)
         while state.micro_batch < len(batches) and state.step < steps:
             batch = collate([rows[i] for i in batches[state.micro_batch]], tokenizer.pad_token_id)
             loss = engine(**_to_device(batch, device)).loss
