@@ -7,9 +7,10 @@ import os
 import pytest
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def one_rank_world():
-    """torch.distributed with world size 1 in this process (gloo on 127.0.0.1), torn down after the module."""
+    """torch.distributed with world size 1 in this process (gloo on 127.0.0.1) for the whole
+    session: DeepSpeed caches its process groups, so a group cannot be replaced mid-session."""
     import torch.distributed as dist
 
     from kubetune.testing import free_port
