@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -175,7 +176,16 @@ def markdown(results: dict) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def run_all(names: list[str], workdir: Path, quick: bool) -> dict:
+def write(results: dict, out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(results)
+    (out / "cpu.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "cpu.md").write_text(table)
+    return table
+
+
+def run_all(names: list[str], workdir: Path, quick: bool, out: Optional[Path] = None) -> dict:
+    """Run the benchmarks in order; with `out`, the results so far are written after each one."""
     results: dict[str, Any] = {"machine": machine(), "quick": quick, "command": "python -m bench.run_cpu" + (" --quick" if quick else "")}
     for name in names:
         started = time.monotonic()
@@ -189,8 +199,10 @@ def run_all(names: list[str], workdir: Path, quick: bool) -> dict:
         if "error" not in result:
             result["goal"] = goal(name, result)
         results[name] = rounded(result)
+        results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        if out is not None:
+            write(results, out)
         print(f"[bench] {name} done in {result['seconds']:.0f} s", file=sys.stderr, flush=True)
-    results["machine"]["load_average_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
     return results
 
 
@@ -207,15 +219,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
     try:
-        results = run_all(names, workdir, args.quick)
+        results = run_all(names, workdir, args.quick, args.out)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = markdown(results)
-    (args.out / "cpu.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "cpu.md").write_text(table)
-    print(table)
+    print(markdown(results))
     return 0 if all("error" not in results[n] for n in names) else 1
 
 
