@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -169,6 +170,7 @@ def markdown(results: dict) -> str:
         for i, (figure, kubetune, baseline, ratio) in enumerate(rows(name, result)):
             first = i == 0
             lines.append(f"| {name if first else ''} | {figure} | {kubetune} | {baseline} | {ratio} | {work if first else ''} | {met if first else ''} |")
+    lines += ["", "Measured: " + "; ".join(f"{n} at {results[n].get('measured_at', '?')} (load {results[n].get('load_average_at_start', '?')}, {_fmt(results[n].get('seconds'))} s)" for n in BENCHMARKS if n in results)]
     lines += ["", "Goals: " + "; ".join(f"{n}: {results[n]['goal']['target']}" for n in BENCHMARKS if n in results and results[n].get("goal"))]
     return "\n".join(lines) + "\n"
 
@@ -184,11 +186,16 @@ def write(results: dict, out: Path) -> str:
     return table
 
 
-def run_all(names: list[str], workdir: Path, quick: bool, out: Optional[Path] = None) -> dict:
-    """Run the benchmarks in order; with `out`, the results so far are written after each one."""
+def run_all(names: list[str], workdir: Path, quick: bool, out: Optional[Path] = None, previous: Optional[dict] = None) -> dict:
+    """Run the benchmarks in order; with `out`, the results so far are written after each one.
+    With `previous` (an earlier cpu.json), its other benchmarks are kept."""
     results: dict[str, Any] = {"machine": machine(), "quick": quick, "command": "python -m bench.run_cpu" + (" --quick" if quick else "")}
+    for name in BENCHMARKS:
+        if previous and name in previous and name not in names:
+            results[name] = previous[name]
     for name in names:
         started = time.monotonic()
+        when = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         try:
             result = BENCHMARKS[name](workdir / name, quick)
@@ -196,6 +203,7 @@ def run_all(names: list[str], workdir: Path, quick: bool, out: Optional[Path] = 
             traceback.print_exc()
             result = {"error": f"{type(err).__name__}: {err}"}
         result["seconds"] = time.monotonic() - started
+        result.update(when)
         if "error" not in result:
             result["goal"] = goal(name, result)
         results[name] = rounded(result)
@@ -212,6 +220,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--only", help="comma-separated benchmarks: " + ", ".join(BENCHMARKS))
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for cpu.json and cpu.md")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one, removed afterwards)")
+    parser.add_argument("--merge", action="store_true", help="keep the other benchmarks of an existing OUT/cpu.json (with --only)")
     args = parser.parse_args(argv)
     names = args.only.split(",") if args.only else list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
@@ -219,7 +228,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
     try:
-        results = run_all(names, workdir, args.quick, args.out)
+        previous = json.loads((args.out / "cpu.json").read_text()) if args.merge and (args.out / "cpu.json").exists() else None
+        results = run_all(names, workdir, args.quick, args.out, previous)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
