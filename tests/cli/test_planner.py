@@ -62,6 +62,12 @@ def test_lora_trainable_matches_peft_count():
     assert estimate(spec, shipped_config("llama-2-7b")).trainable_params == 4_194_304
 
 
+def test_lora_all_linear_matches_the_trainers_count():
+    # The trainer (peft) logs "trainable parameters: 4,884,480" for the quickstart's LoRA.
+    spec = make_spec({"type": "lora", "lora": {"r": 16, "targetModules": ["all-linear"]}})
+    assert estimate(spec, shipped_config("smollm2-135m")).trainable_params == 4_884_480
+
+
 def test_full_zero2_model_states_by_hand():
     n = 6_738_415_616
     spec = make_spec({"type": "full"}, gpus=4, nodes=2, stage=2)
