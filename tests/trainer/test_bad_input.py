@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -63,8 +64,10 @@ def test_invalid_input_exits_64_with_exact_message(tmp_path, tiny_model_dir, cap
     document = job(str(tiny_model_dir), **changes)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     code = execute(parse_args(["--job", str(tmp_path / "job.yaml")]))
     assert code == exitcodes.INVALID_INPUT
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # restored
     assert capsys.readouterr().err.strip() == "kubetune-train: " + expected.format(dir=tmp_path)
     progress = tmp_path / "runs/bad/output/checkpoints/progress.json"
     if "model" in changes:  # failed after the run started: the operator sees why

@@ -77,8 +77,11 @@ class Preemption:
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         log.warning("received %s: finishing the current step, then saving a checkpoint", signal.Signals(signum).name)
@@ -220,6 +223,8 @@ def run(job: FineTuneJob, base_dir: Optional[Path]) -> int:
         if not isinstance(err, SystemExit):
             status.fail(f"{type(err).__name__}: {err}")
         raise
+    finally:
+        preemption.restore()
 
 
 def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preemption: Preemption, status: StatusWriter,
