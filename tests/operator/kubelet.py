@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from operator_harness import Api
+import psutil
+
 from kube_emulator import Cluster
 from kubetune.testing import free_port
+from operator_harness import Api
 
 LOCAL_ONLY_MOUNTS = ("/dev/shm",)
 
@@ -67,6 +69,14 @@ class Kubelet:
         self._thread.join(30)
         for proc in list(self.processes.values()):
             self._kill(proc)
+
+    def kill(self, pod: str) -> None:
+        """SIGKILL every process of a pod, like a crashed node or an OOM kill of the container."""
+        kill_tree(self.processes[pod].popen.pid)
+
+    def log(self, pod: str) -> str:
+        proc = self.processes.get(pod)
+        return proc.log_path.read_text(errors="replace") if proc and proc.log_path.exists() else ""
 
     def service_url(self, service: str, port: int) -> str:
         """Where a Service's port is reachable locally (its pods share the Service name as group)."""
@@ -112,7 +122,8 @@ class Kubelet:
             self.cluster.run(lambda e: e.logs.__setitem__((self.namespace, key), log))
             if code is not None and not proc.reported:
                 proc.reported = "Succeeded" if code == 0 else "Failed"
-                self.api.set_pod_status(key, proc.reported, exit_code=code)
+                # A signal death reads like the container runtime reports it: 128 + signal.
+                self.api.set_pod_status(key, proc.reported, exit_code=code if code >= 0 else 128 - code)
         elif code is None and proc.reported != "ready" and proc.ready_url:
             try:
                 with urllib.request.urlopen(proc.ready_url, timeout=2) as response:
@@ -208,10 +219,27 @@ class Kubelet:
         return env
 
     def _kill(self, proc: Process) -> None:
+        """Like a pod deletion: SIGTERM to the container's main process, SIGKILL to all after the grace period."""
         if proc.popen.poll() is None:
-            os.killpg(proc.popen.pid, signal.SIGTERM)
+            proc.popen.send_signal(signal.SIGTERM)
             try:
                 proc.popen.wait(60)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.popen.pid, signal.SIGKILL)
-                proc.popen.wait()
+                pass
+        kill_tree(proc.popen.pid)
+        proc.popen.wait()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts its workers in new sessions)."""
+    try:
+        root = psutil.Process(pid)
+        family = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for process in family:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)

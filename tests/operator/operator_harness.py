@@ -115,7 +115,7 @@ class Operator:
             self.thread = None
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = 20, what: str = "condition", interval: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -125,7 +125,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20, what: str = "con
             last = None
         if last:
             return last
-        time.sleep(0.1)
+        time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 

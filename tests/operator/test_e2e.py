@@ -1,7 +1,9 @@
 """End to end on one machine: kubectl applies a LoRA FineTuneJob with 2 worker pods to kmock;
 the real operator creates the children; a kubelet harness runs them as local processes
-(torchrun + kubetune-train on CPU, checkpoints in SeaweedFS, the merge pod, kubetune-serve);
-the inference Deployment answers a chat request through the OpenAI client."""
+(torchrun + kubetune-train on CPU, checkpoints in SeaweedFS, the merge pod, kubetune-serve).
+One worker is SIGKILLed after a checkpoint: the operator replaces the gang, which resumes
+from the newest complete checkpoint; then merge, and the inference Deployment answers a
+chat request through the OpenAI client."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import yaml
 
 from operator_harness import wait_for
 from kubelet import Kubelet
+from kubetune.progress import parse_progress
 from kubetune.storage import open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -32,7 +35,7 @@ def job_document(seaweed) -> dict:
             "model": {"uri": "s3://models/e2e-tiny"},
             "dataset": {"uri": "s3://data/e2e/train.jsonl", "format": "prompt_response"},
             "method": {"type": "lora", "lora": {"r": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]}},
-            "training": {"maxSteps": 6, "learningRate": 0.01, "microBatchSize": 1, "maxLength": 64, "logEverySteps": 1, "precision": "fp32"},
+            "training": {"maxSteps": 24, "learningRate": 0.01, "microBatchSize": 1, "maxLength": 64, "logEverySteps": 1, "precision": "fp32"},
             "distributed": {"nodes": 2, "gpusPerNode": 1, "zero": {"stage": 0}},
             "resources": {"limits": {"nvidia.com/gpu": 0}},
             "checkpoint": {"everySteps": 3, "keep": 2},
@@ -67,11 +70,23 @@ def test_lora_job_trains_on_two_workers_merges_and_serves(seaweed, s3_env, tiny_
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KUBETUNE_"))}
     base_env.update(OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{base_env['PATH']}")
+    def committed_step() -> int:
+        try:
+            progress = parse_progress(open_store("s3://outputs/e2e/checkpoints").get_bytes("progress.json"))
+        except FileNotFoundError:
+            return 0
+        return int(progress.last_checkpoint.rsplit("-", 1)[1]) if progress.last_checkpoint else 0
+
     kubelet = Kubelet(cluster, api, tmp_path / "node", base_env, node_env={"TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}).start()
     try:
         kubectl.apply(job_file)
         wait_for(lambda: len([p for p in cluster.objects("pods") if p.startswith("e2e-worker-")]) == 2, 30, "two worker pods")
-        status = lambda: kubectl.get_json("ftj", "e2e").get("status") or {}  # noqa: E731
+        # Crash one worker once a checkpoint is committed (progress.json says so) and training goes on.
+        wait_for(lambda: committed_step() >= 3, 240, "a committed checkpoint", interval=0.05)
+        kubelet.kill("e2e-worker-1")
+        killed_after = committed_step()
+        # Polled from the API server's memory (kubectl every 0.1 s would compete for the 2 cores).
+        status = lambda: cluster.objects("finetunejobs")["e2e"].get("status") or {}  # noqa: E731
         phases = set()
 
         def serving_ready():
@@ -82,7 +97,7 @@ def test_lora_job_trains_on_two_workers_merges_and_serves(seaweed, s3_env, tiny_
             return any(c["type"] == "Ready" and c["status"] == "True" for c in st.get("conditions", [])) and st
 
         try:
-            st = wait_for(serving_ready, 300, "serving ready")
+            st = wait_for(serving_ready, 360, "serving ready", interval=0.5)
         except AssertionError:
             for proc in kubelet.processes.values():
                 print(f"--- {proc.name} (exit {proc.popen.poll()})\n{proc.log_path.read_text(errors='replace')[-3000:]}")
@@ -90,9 +105,15 @@ def test_lora_job_trains_on_two_workers_merges_and_serves(seaweed, s3_env, tiny_
                   "deployments:", list(cluster.objects("deployments")), "\nstatus:", json.dumps(status(), indent=1))
             raise
         assert {"Running", "Merging", "Serving"} <= phases
-        assert st["progress"]["step"] == st["progress"]["totalSteps"] == 6 and st["progress"]["summary"] == "6/6"
-        assert st["loss"] > 0 and st["restarts"] == 0
-        assert st["lastCheckpoint"].endswith("step-000000006")
+        assert st["progress"]["step"] == st["progress"]["totalSteps"] == 24 and st["progress"]["summary"] == "24/24"
+        assert st["loss"] > 0 and st["restarts"] == 1 and st["lastFailedPod"] == "e2e-worker-1"
+        restart_events = [e["message"] for e in cluster.objects("events").values() if e["reason"] == "GangRestart"]
+        assert len(restart_events) == 1 and "pod e2e-worker-1 failed with exit code 137" in restart_events[0]
+        resumed = [json.loads(line) for line in kubelet.log("e2e-worker-0").splitlines() if line.startswith('{"event": "resume"')]
+        assert resumed and resumed[0]["from"] == f"step-{resumed[0]['step']:09d}"
+        assert killed_after <= resumed[0]["step"] < 24  # the newest complete checkpoint, not a restart from zero
+        assert kubectl.get_json("ftj", "e2e")["status"] == status()
+        assert st["lastCheckpoint"].endswith("step-000000024")
         assert st["outputs"] == {"adapterUri": "s3://outputs/e2e/adapter", "mergedUri": "s3://outputs/e2e/model"}
         assert open_store("s3://outputs/e2e").exists("model/config.json")
         assert not kubelet.errors
