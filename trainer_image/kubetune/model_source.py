@@ -136,7 +136,35 @@ def convert_gguf(folder: Path, gguf_file: str, cache_dir: Path) -> Path:
         return entry
 
 
+@contextlib.contextmanager
+def _one_gguf_parse() -> Iterator[None]:
+    """Share one GGUFReader per file while converting. transformers parses the file three
+    times (config, weights, tokenizer), and parsing the metadata (the vocabulary as ~100k
+    small arrays) costs more than dequantizing a small model. The reader is read-only."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], object] = {}
+
+    def shared(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _dequantize(folder: Path, gguf_file: str, out: Path) -> None:
+    with _one_gguf_parse():
+        _dequantize_with(folder, gguf_file, out)
+
+
+def _dequantize_with(folder: Path, gguf_file: str, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
