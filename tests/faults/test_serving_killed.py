@@ -187,8 +187,10 @@ def test_malformed_requests_get_exact_openai_errors(serve):
         assert error(response) == (400, expected), payload
 
 
-@pytest.mark.xfail(strict=True, reason="BUG kubetune/serve/protocol.py: a chat message without `content` is accepted and answered (OpenAI answers 400)")
 def test_message_without_content_is_refused(serve):
     url, _ = serve
     response = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user"}]}, headers=HEADERS, timeout=60)
-    assert response.status_code == 400
+    assert error(response) == (
+        400,
+        {"error": {"message": "messages.0.content: field required", "type": "invalid_request_error", "param": "messages.0.content", "code": None}},
+    )
