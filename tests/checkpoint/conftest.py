@@ -32,9 +32,10 @@ def one_rank_world():
 
 @pytest.fixture
 def make_engine(one_rank_world, tiny_model_dir):
-    """make_engine(stage=0, lora=True, seed=0) -> a DeepSpeed engine over the tiny model."""
+    """make_engine(stage=0, lora=True, seed=0, **zero) -> a DeepSpeed engine over the tiny
+    model; `zero` adds zero_optimization settings."""
 
-    def make(stage: int = 0, lora: bool = True, seed: int = 0):
+    def make(stage: int = 0, lora: bool = True, seed: int = 0, **zero):
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM
@@ -48,7 +49,7 @@ def make_engine(one_rank_world, tiny_model_dir):
         config = {
             "train_micro_batch_size_per_gpu": 2,
             "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": stage},
+            "zero_optimization": {"stage": stage, **zero},
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
             "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 2, "total_num_steps": 20, "warmup_max_lr": 1e-2}},
             "steps_per_print": 10**9,

@@ -108,3 +108,21 @@ def test_an_ungathered_empty_tensor_is_never_published(tmp_path):
     save_file({"base_model.model.q_proj.lora_A.weight": torch.empty(0)}, tmp_path / "adapter_model.safetensors")
     with pytest.raises(RuntimeError, match="empty tensor base_model.model.q_proj.lora_A.weight"):
         _check_not_empty(tmp_path)
+
+
+def test_full_export_under_zero3_gathers_the_partitioned_weights(make_engine, train, tiny_model_dir, tmp_path):
+    import deepspeed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    engine = make_engine(stage=3, lora=False, stage3_param_persistence_threshold=0)  # partition even tiny tensors
+    train(engine, 1)
+    params = dict(engine.module.named_parameters())
+    assert all(p.numel() == 0 for p in params.values())  # partitioned: state_dict() alone would be empty
+    job = make_job(tiny_model_dir, "full", str(tmp_path / "out"))
+
+    save_trained(engine, engine.module, AutoTokenizer.from_pretrained(tiny_model_dir), job, job_layout(job), tiny_model_dir)
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").state_dict()
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        for name, param in params.items():
+            assert torch.equal(exported[name], param.detach()), name
