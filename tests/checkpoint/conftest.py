@@ -32,20 +32,21 @@ def one_rank_world():
 
 @pytest.fixture
 def make_engine(one_rank_world, tiny_model_dir):
-    """make_engine(stage=0, lora=True, seed=0, **zero) -> a DeepSpeed engine over the tiny
-    model; `zero` adds zero_optimization settings."""
+    """make_engine(stage=0, lora=True, seed=0, peft_config=None, **zero) -> a DeepSpeed engine
+    over the tiny model (LoRA, or the given peft config); `zero` adds zero_optimization settings."""
 
-    def make(stage: int = 0, lora: bool = True, seed: int = 0, **zero):
+    def make(stage: int = 0, lora: bool = True, seed: int = 0, peft_config=None, **zero):
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        if lora:
+        if lora or peft_config is not None:
             from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+            lora_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+            model = get_peft_model(model, peft_config or lora_config)
         config = {
             "train_micro_batch_size_per_gpu": 2,
             "gradient_accumulation_steps": 1,

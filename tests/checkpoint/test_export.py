@@ -126,3 +126,24 @@ def test_full_export_under_zero3_gathers_the_partitioned_weights(make_engine, tr
     with deepspeed.zero.GatheredParameters(list(params.values())):
         for name, param in params.items():
             assert torch.equal(exported[name], param.detach()), name
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_prompt_learning_adapters_export_gathered_under_zero3(make_engine, train, tiny_model_dir, tmp_path, method):
+    import deepspeed
+    from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = (PromptTuningConfig if method == "prompt" else PrefixTuningConfig)(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    engine = make_engine(stage=3, peft_config=config, stage3_param_persistence_threshold=0)
+    train(engine, 2)
+    trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    assert trainable and all(p.numel() == 0 for p in trainable.values())
+    job = make_job(tiny_model_dir, method, str(tmp_path / "out"))
+
+    save_trained(engine, engine.module, AutoTokenizer.from_pretrained(tiny_model_dir), job, job_layout(job), tiny_model_dir)
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out" / "adapter")
+    with deepspeed.zero.GatheredParameters(list(trainable.values())):
+        for name, param in trainable.items():
+            assert torch.equal(dict(loaded.named_parameters())[name], param.detach()), name
