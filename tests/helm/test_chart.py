@@ -150,15 +150,16 @@ def grants(role: dict, group: str, resource: str) -> set[str]:
             for verb in rule["verbs"]}
 
 
-# What the operator does with each resource (brief, contract 9), and nothing beyond it.
+# What the operator does with each resource (kubetune_operator.kube.CALLS plus kopf's own
+# watch and patches), and nothing beyond it.
 APP_PERMISSIONS = {
-    ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "patch"},
-    ("kubetune.io", "finetunejobs/status"): {"get", "patch"},
-    ("", "pods"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("kubetune.io", "finetunejobs"): {"list", "watch", "patch"},
+    ("kubetune.io", "finetunejobs/status"): {"patch"},
+    ("", "pods"): {"list", "create", "delete"},
+    ("", "services"): {"get", "create", "delete"},
+    ("", "configmaps"): {"get", "create", "patch", "delete"},
     ("", "pods/log"): {"get"},
-    ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("apps", "deployments"): {"get", "create", "patch", "delete"},
     ("", "secrets"): {"get"},
 }
 
@@ -171,7 +172,7 @@ def test_app_role_grants_exactly_what_the_operator_needs(chart, watch):
                for rule in app["rules"] for group in rule["apiGroups"] for resource in rule["resources"]}
     assert granted == APP_PERMISSIONS
     kopf = one(objects, "Role" if watch else "ClusterRole", f"{RELEASE}-kubetune-kopf")
-    assert grants(kopf, "", "events") == {"create", "patch"}
+    assert grants(kopf, "", "events") == {"create"}
 
 
 def test_namespaced_mode_uses_roles_in_each_watched_namespace_only(chart):

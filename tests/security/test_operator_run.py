@@ -216,11 +216,6 @@ def test_the_client_declares_every_call_it_makes(life):
     assert sorted(by_client - declared) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chart grants verbs no code path uses (list/watch/patch on children, get on finetunejobs(/status), "
-    "events patch); contract 9 in the brief lists them, least privilege (issue 9) does not: lead to decide",
-)
 def test_the_chart_grants_nothing_the_operator_does_not_use(life, chart_grants):
     from kubetune_operator.kube import CALLS
 
