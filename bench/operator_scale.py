@@ -133,6 +133,15 @@ def peak_rss(pid: int) -> int:
     raise BenchError("no VmHWM in /proc")
 
 
+def stop_quietly(cluster: Cluster) -> None:
+    """Stop kmock. Closing hundreds of watch streams can outlast Cluster.stop's wait; its loop
+    is stopped regardless and the figures are already taken, so a timeout is only reported."""
+    try:
+        cluster.stop()
+    except TimeoutError:
+        print("[bench] kmock took longer than its stop timeout; its loop was stopped anyway", file=sys.stderr)
+
+
 def run_operator_phase(docs: list[dict], nodes: int, seaweed, workdir: Path, timeout: float) -> dict:
     import psutil
 
@@ -159,9 +168,13 @@ def run_operator_phase(docs: list[dict], nodes: int, seaweed, workdir: Path, tim
         deadline = started + timeout
         while len(seen) < len(docs) and time.monotonic() < deadline:
             now = time.monotonic()
-            for name in complete_jobs(cluster, nodes) - seen.keys():
+            try:
+                complete = complete_jobs(cluster, nodes)
+            except TimeoutError:
+                continue  # kmock is busy serving the operator; a later look still bounds the latency
+            for name in complete - seen.keys():
                 seen[name] = now
-            time.sleep(0.05)
+            time.sleep(0.1)
         finished = max(seen.values()) if seen else time.monotonic()
         cpu = sum(operator.cpu_times()[:2]) - cpu_before
         requests = request_count(cluster) - requests_before
@@ -175,7 +188,7 @@ def run_operator_phase(docs: list[dict], nodes: int, seaweed, workdir: Path, tim
                 proc.kill()
                 proc.wait()
         log.close()
-        cluster.stop()
+        stop_quietly(cluster)
     latencies = [seen[n] - created[n] for n in seen]
     return {
         "jobs_complete": len(seen),
@@ -204,7 +217,7 @@ def run_floor(docs: list[dict], nodes: int, workdir: Path) -> dict:
         complete = complete_jobs(cluster, nodes)
         requests = request_count(cluster) - before
     finally:
-        cluster.stop()
+        stop_quietly(cluster)
     return {
         "jobs_complete": len(complete),
         "total_seconds": finished - started,
