@@ -278,8 +278,9 @@ def build_worker_service(job: FineTuneJob) -> dict:
 
 def worker_command(job: FineTuneJob, index: int) -> list[str]:
     dist = job.spec.distributed
+    # torchrun's arguments, through a launcher that keeps the trainer's exit code (64/74/75).
     return [
-        "torchrun",
+        "python", "-m", "kubetune.train.launch",
         "--nnodes", str(dist.nodes),
         "--nproc_per_node", str(dist.gpus_per_node),
         "--node_rank", str(index),

@@ -116,12 +116,13 @@ def parse_body(body: kopf.Body) -> tuple[Optional[FineTuneJob], list[str]]:
 
 def pod_state(pod: dict) -> PodState:
     status = pod.get("status") or {}
-    exit_code, reason = None, status.get("reason") or ""
+    exit_code, reason, finished_at = None, status.get("reason") or "", ""
     for container in status.get("containerStatuses") or []:
         terminated = (container.get("state") or {}).get("terminated")
         if terminated:
             exit_code = terminated.get("exitCode")
             reason = terminated.get("reason") or reason
+            finished_at = terminated.get("finishedAt") or ""
     labels = pod["metadata"].get("labels") or {}
     return PodState(
         name=pod["metadata"]["name"],
@@ -130,6 +131,7 @@ def pod_state(pod: dict) -> PodState:
         attempt=int(labels.get(builders.ATTEMPT_LABEL, "0")),
         deleting=bool(pod["metadata"].get("deletionTimestamp")),
         reason=reason if reason not in ("Error", "Completed") else "",
+        finished_at=finished_at,
     )
 
 

@@ -45,6 +45,14 @@ class PodState:
     deleting: bool = False
     reason: str = ""  # e.g. OOMKilled, Evicted
     log_tail: str = ""  # last log lines, fetched by the handler for failed pods only
+    finished_at: str = ""  # RFC 3339 time the container terminated
+
+    @property
+    def blame_order(self) -> tuple:
+        """Which of several failed workers caused the gang to fail: when one node dies, its
+        peers exit 1 on the broken rendezvous, so a specific code (a kill, OOM, 64/74/75)
+        names the cause; then the earliest, then by name for a stable answer."""
+        return (self.exit_code == 1, self.finished_at or "~", self.name)
 
     @property
     def failed(self) -> bool:
@@ -303,7 +311,7 @@ class _Machine:
         """A failed or vanished worker: replace the whole gang (or fail the job)."""
         workers = self.observed.workers
         nodes = self.job.spec.distributed.nodes
-        failed = sorted((w for w in workers.values() if w.failed and not w.deleting), key=lambda w: w.name)
+        failed = sorted((w for w in workers.values() if w.failed and not w.deleting), key=lambda w: w.blame_order)
         vanished = []
         if self.phase == "Running":  # all workers existed; a missing one was deleted or evicted
             vanished = [i for i in range(nodes) if i not in workers]

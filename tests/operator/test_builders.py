@@ -68,7 +68,7 @@ def test_worker_pod_follows_the_torchrun_contract():
     assert (spec["hostname"], spec["subdomain"], spec["restartPolicy"]) == ("qa-bot-worker-1", "qa-bot-workers", "Never")
     container = spec["containers"][0]
     assert container["command"] == [
-        "torchrun", "--nnodes", "2", "--nproc_per_node", "4", "--node_rank", "1",
+        "python", "-m", "kubetune.train.launch", "--nnodes", "2", "--nproc_per_node", "4", "--node_rank", "1",
         "--master_addr", "qa-bot-worker-0.qa-bot-workers", "--master_port", "29500",
         "-m", "kubetune.train.main", "--job", "/etc/kubetune/job.yaml",
     ]  # fmt: skip

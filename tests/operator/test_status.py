@@ -70,6 +70,15 @@ def test_restart_counts_and_failure_names_pod_exit_code_and_log():
     assert any(c["type"] == "Failed" and c["reason"] == "BackoffLimitExceeded" for c in d.status["conditions"])
 
 
+def test_the_pod_that_caused_a_gang_failure_is_blamed_not_its_peers():
+    # Worker 1 was killed (137); worker 0 then exited 1 on the broken rendezvous.
+    d = run({"phase": "Running"}, Observed(workers=pods("Failed", "Failed", codes={0: 1, 1: 137})))
+    assert d.status["lastFailedPod"] == "qa-bot-worker-1" and "exit code 137" in d.events[0].message
+    # Bad input on worker 1 fails the job even when worker 0 only saw its peer go away.
+    d = run({"phase": "Running"}, Observed(workers=pods("Failed", "Failed", codes={0: 1, 1: 64})))
+    assert d.status["failureReason"] == "InvalidInput"
+
+
 def test_preemption_restarts_without_counting():
     d = run({"phase": "Running", "restarts": 1}, Observed(workers=pods("Failed", "Failed", codes={0: 75, 1: 75})))
     assert d.status["phase"] == "Restarting" and d.status["restarts"] == 1 and d.status["attempt"] == 1
