@@ -441,6 +441,10 @@ async def delete_checkpoints(api: Kube, job: FineTuneJob, logger: logging.Logger
 
 def build_registry(settings: Settings) -> kopf.OperatorRegistry:
     """All handlers, with the reconcile interval from the settings. Run with memo=new_memo(settings)."""
+    # botocore's DEBUG wire log prints SigV4 Authorization headers (with the access key ID of
+    # a user's Secret): the operator never logs below INFO there, even with --verbose.
+    for noisy in ("botocore", "boto3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger(noisy).level))
     registry = kopf.OperatorRegistry()
     kopf.on.startup(registry=registry)(configure)
     kopf.on.login(registry=registry)(login)
