@@ -177,6 +177,21 @@ def _zero3_loading(ds_config: dict):
     return HfDeepSpeedConfig(ds_config)
 
 
+def _materialize_once_per_node(dist_info, model_spec, cache_dir, base_dir, endpoint):
+    """Local rank 0 fills the node's model cache (download, GGUF conversion) while the other
+    ranks wait; they then find it complete. Converting on several ranks at once raced."""
+    import torch.distributed as dist
+
+    first = dist_info.local_rank == 0
+    if not first:
+        dist.barrier()
+    try:
+        return materialize_model(model_spec, cache_dir, base_dir, endpoint)
+    finally:
+        if first:
+            dist.barrier()  # also on failure, so the others never wait forever
+
+
 def _grad_norm(model) -> float:
     """L2 norm of all gradients (already averaged across ranks at the accumulation boundary)."""
     import torch
@@ -241,7 +256,7 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
     # 2. Model files and tokenizer; lengths and template checked before the weights load.
     status.update(phase="loading")
     try:
-        model_dir = materialize_model(spec.model, cache_dir, base_dir, endpoint)
+        model_dir = _materialize_once_per_node(dist_info, spec.model, cache_dir, base_dir, endpoint)
     except (FileNotFoundError, ValueError) as err:
         raise ModelSourceError(str(err)) from None
     tokenizer = load_tokenizer(model_dir, spec)
