@@ -1,0 +1,1 @@
+"""KubeTune benchmarks: `python -m bench.run_cpu` (CPU set), `python -m bench.gpu` (GPU machines)."""
