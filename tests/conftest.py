@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The environment's own programs (weed, kubectl, torchrun, kubetune-*) even when pytest
+# was started as .venv/bin/pytest without activating the environment (what `make test` does).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 # DeepSpeed JIT-compiles CPU ops on first use; a fixed cache keeps later runs fast.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -21,7 +21,7 @@ def one_rank_world():
     if owner:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
-    if owner:
+    if owner and dist.is_initialized():  # an in-process trainer run may have ended it already
         dist.destroy_process_group()
     for key, value in saved.items():
         if value is None:
