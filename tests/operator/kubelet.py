@@ -57,6 +57,7 @@ class Kubelet:
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
+        self._sync_lock = threading.Lock()  # kill() reports between two sync passes, never during one
         self._thread = threading.Thread(target=self._loop, name="kubelet", daemon=True)
         self.errors: list[str] = []
 
@@ -71,8 +72,13 @@ class Kubelet:
             self._kill(proc)
 
     def kill(self, pod: str) -> None:
-        """SIGKILL every process of a pod, like a crashed node or an OOM kill of the container."""
-        kill_tree(self.processes[pod].popen.pid)
+        """SIGKILL every process of a pod, like a crashed node or an OOM kill of the container.
+
+        Its death is reported at once, as a node's kubelet does, not on the next sync pass,
+        where a peer that only lost its rendezvous could be reported first."""
+        with self._sync_lock:
+            kill_tree(self.processes[pod].popen.pid)
+            self._report(pod, self.processes[pod])
 
     def log(self, pod: str) -> str:
         proc = self.processes.get(pod)
@@ -86,7 +92,8 @@ class Kubelet:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self._sync()
+                with self._sync_lock:
+                    self._sync()
             except Exception as err:  # noqa: BLE001 - keep syncing; the test reports errors
                 self.errors.append(repr(err))
             self._stop.wait(0.2)

@@ -106,9 +106,12 @@ def test_lora_job_trains_on_two_workers_merges_and_serves(seaweed, s3_env, tiny_
             raise
         assert {"Running", "Merging", "Serving"} <= phases
         assert st["progress"]["step"] == st["progress"]["totalSteps"] == 24 and st["progress"]["summary"] == "24/24"
-        assert st["loss"] > 0 and st["restarts"] == 1 and st["lastFailedPod"] == "e2e-worker-1"
+        # One gang restart. Which worker it blames races between the two pods' reports (the
+        # killed one, 137, or its peer exiting on the broken rendezvous); the pure blame
+        # order is tested in test_status.py.
+        assert st["loss"] > 0 and st["restarts"] == 1 and st["lastFailedPod"] in ("e2e-worker-0", "e2e-worker-1")
         restart_events = [e["message"] for e in cluster.objects("events").values() if e["reason"] == "GangRestart"]
-        assert len(restart_events) == 1 and "pod e2e-worker-1 failed with exit code 137" in restart_events[0]
+        assert len(restart_events) == 1 and "failed with exit code" in restart_events[0]
         resumed = [json.loads(line) for line in kubelet.log("e2e-worker-0").splitlines() if line.startswith('{"event": "resume"')]
         assert resumed and resumed[0]["from"] == f"step-{resumed[0]['step']:09d}"
         assert killed_after <= resumed[0]["step"] < 24  # the newest complete checkpoint, not a restart from zero
