@@ -169,9 +169,13 @@ class SeaweedS3:
         ]  # fmt: skip
         self.log = open(self.dir / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_ready(timeout)
-        for bucket in self.buckets:
-            self.create_bucket(bucket)
+        try:
+            self._wait_ready(timeout)
+            for bucket in self.buckets:
+                self.create_bucket(bucket)
+        except BaseException:
+            self.stop()  # never leave a server behind when start fails (e.g. an invalid bucket name)
+            raise
         return self
 
     def client(self):
