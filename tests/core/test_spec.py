@@ -150,3 +150,36 @@ def test_several_problems_reported_together(tmp_path):
         "job.yaml:9: spec.training.epochs: Input should be greater than 0 (got 0)",
         "job.yaml:10: spec.training.microBatchSize: Input should be greater than or equal to 1 (got 0)",
     ]
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        # The CRD's types are what the API server enforces; the CLI must refuse the same documents.
+        ("  training:\n    seed: true\n", "job.yaml:9: spec.training.seed: Input should be a valid integer (got True)"),
+        ("  training:\n    packing: 'yes'\n", "job.yaml:9: spec.training.packing: Input should be a valid boolean (got 'yes')"),
+        ("  training:\n    maxSteps: '100'\n", "job.yaml:9: spec.training.maxSteps: Input should be a valid integer (got '100')"),
+        ("  training:\n    learningRate: '1e-4'\n", "job.yaml:9: spec.training.learningRate: Input should be a valid number (got '1e-4')"),
+        ("  serving:\n    enabled: 1\n", "job.yaml:9: spec.serving.enabled: Input should be a valid boolean (got 1)"),
+    ],
+)
+def test_types_are_as_strict_as_the_crd(tmp_path, extra, expected):
+    assert _error(tmp_path, BASE + extra) == expected
+
+
+def test_ints_are_accepted_where_numbers_are_expected(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(BASE + "  training:\n    learningRate: 1\n    epochs: 2\n")
+    training = load_job(path).spec.training
+    assert training.learning_rate == 1.0 and training.epochs == 2.0
+
+
+def test_line_of_points_at_the_field_or_its_nearest_parent():
+    from kubetune.spec import line_of
+
+    text = BASE + "  resources:\n    limits:\n      nvidia.com/gpu: 1\n"
+    assert line_of(text, "spec.dataset.uri") == 7
+    assert line_of(text, ("spec", "resources", "limits", "nvidia.com/gpu")) == 10
+    assert line_of(text, "spec.resources.limits.nvidia.com/gpu") == 9  # dotted key: its parent
+    assert line_of(text, "spec.training.seed") == 3  # absent: spec itself
+    assert line_of("spec: [", "spec") is None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "kubetune.io"
@@ -104,7 +104,7 @@ class ModelSpec(SpecModel):
         description="Jinja chat template overriding the tokenizer's own. Needed only when the "
         "tokenizer has none; a wrong template makes the tuned model never stop generating.",
     )
-    trust_remote_code: bool = Field(
+    trust_remote_code: StrictBool = Field(
         False, description="Allow custom model code shipped with the model (ChatGLM-style)."
     )
 
@@ -120,9 +120,9 @@ class ColumnMapping(SpecModel):
 
 
 class ValidationSplit(SpecModel):
-    ratio: Optional[float] = Field(None, ge=0.0, lt=1.0, description="Fraction of the training data held out for validation.")
+    ratio: Optional[StrictFloat] = Field(None, ge=0.0, lt=1.0, description="Fraction of the training data held out for validation.")
     uri: Optional[str] = Field(None, description="Separate validation file, same format as the training data.")
-    max_samples: Optional[int] = Field(None, ge=1, description="Cap on validation samples.")
+    max_samples: Optional[StrictInt] = Field(None, ge=1, description="Cap on validation samples.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ValidationSplit":
@@ -139,8 +139,8 @@ class DatasetSpec(SpecModel):
     )
     columns: ColumnMapping = Field(default_factory=ColumnMapping, description="Column names when they differ from the format's defaults.")
     validation: Optional[ValidationSplit] = Field(None, description="Validation split: {ratio: 0.1} or {uri: ...}.")
-    max_samples: Optional[int] = Field(None, ge=1, description="Use only the first N training records.")
-    shuffle: bool = Field(True, description="Shuffle training samples every epoch (seeded).")
+    max_samples: Optional[StrictInt] = Field(None, ge=1, description="Use only the first N training records.")
+    shuffle: StrictBool = Field(True, description="Shuffle training samples every epoch (seeded).")
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,9 +148,9 @@ class DatasetSpec(SpecModel):
 
 
 class LoraSpec(SpecModel):
-    r: int = Field(8, ge=1, le=1024, description="Adapter rank (lora_dim).")
-    alpha: float = Field(16, gt=0, description="Scaling numerator; the update is scaled by alpha/r.")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    r: StrictInt = Field(8, ge=1, le=1024, description="Adapter rank (lora_dim).")
+    alpha: StrictFloat = Field(16, gt=0, description="Scaling numerator; the update is scaled by alpha/r.")
+    dropout: StrictFloat = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
@@ -167,7 +167,7 @@ class FreezeSpec(SpecModel):
         default_factory=list,
         description="Parameter-name substrings to train, e.g. ['layers.27.', 'layers.26.']; all else is frozen.",
     )
-    last_layers: Optional[int] = Field(None, ge=1, description="Shorthand: train the last N transformer blocks.")
+    last_layers: Optional[StrictInt] = Field(None, ge=1, description="Shorthand: train the last N transformer blocks.")
 
     @model_validator(mode="after")
     def _something_trainable(self) -> "FreezeSpec":
@@ -177,13 +177,13 @@ class FreezeSpec(SpecModel):
 
 
 class PTuningSpec(SpecModel):
-    pre_seq_len: int = Field(16, ge=1, le=4096, description="Number of trainable prefix positions at every layer.")
-    prefix_projection: bool = Field(False, description="Reparameterize the prefix through a 2-layer MLP.")
-    projection_hidden_size: Optional[int] = Field(None, ge=1, description="Hidden size of that MLP (default: model hidden size).")
+    pre_seq_len: StrictInt = Field(16, ge=1, le=4096, description="Number of trainable prefix positions at every layer.")
+    prefix_projection: StrictBool = Field(False, description="Reparameterize the prefix through a 2-layer MLP.")
+    projection_hidden_size: Optional[StrictInt] = Field(None, ge=1, description="Hidden size of that MLP (default: model hidden size).")
 
 
 class PromptSpec(SpecModel):
-    virtual_tokens: int = Field(20, ge=1, le=4096, description="Number of trainable virtual tokens at the input.")
+    virtual_tokens: StrictInt = Field(20, ge=1, le=4096, description="Number of trainable virtual tokens at the input.")
     init_text: Optional[str] = Field(None, description="Initialise the virtual tokens from this text's embeddings.")
 
 
@@ -228,30 +228,30 @@ class MethodSpec(SpecModel):
 
 
 class EvalSpec(SpecModel):
-    every_steps: Optional[int] = Field(None, ge=1, description="Compute validation loss every N steps (default: at the end of each epoch).")
-    generate: bool = Field(False, description="Also generate answers for validation samples and score them.")
-    max_samples: int = Field(32, ge=1, description="Validation samples used for generation metrics.")
-    max_new_tokens: int = Field(64, ge=1, description="Generation length for generation metrics.")
+    every_steps: Optional[StrictInt] = Field(None, ge=1, description="Compute validation loss every N steps (default: at the end of each epoch).")
+    generate: StrictBool = Field(False, description="Also generate answers for validation samples and score them.")
+    max_samples: StrictInt = Field(32, ge=1, description="Validation samples used for generation metrics.")
+    max_new_tokens: StrictInt = Field(64, ge=1, description="Generation length for generation metrics.")
 
 
 class TrainingSpec(SpecModel):
-    epochs: Optional[float] = Field(None, gt=0, description="Passes over the training data (default 1 when maxSteps is unset).")
-    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to run; overrides epochs.")
-    learning_rate: float = Field(1.0e-4, gt=0, le=1.0, description="Peak learning rate.")
+    epochs: Optional[StrictFloat] = Field(None, gt=0, description="Passes over the training data (default 1 when maxSteps is unset).")
+    max_steps: Optional[StrictInt] = Field(None, ge=1, description="Optimizer steps to run; overrides epochs.")
+    learning_rate: StrictFloat = Field(1.0e-4, gt=0, le=1.0, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of steps with linear warmup.")
-    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 disables).")
-    micro_batch_size: int = Field(1, ge=1, description="Samples per device per forward pass (per_device_train_batch_size).")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro batches per optimizer step.")
-    max_length: int = Field(1024, ge=8, description="Longest tokenized sample (prompt + answer); longer ones are truncated.")
-    max_source_length: Optional[int] = Field(None, ge=1, description="Longest prompt (max_src_len); the prompt is cut from the left.")
-    max_target_length: Optional[int] = Field(None, ge=1, description="Longest answer; the answer is cut from the right.")
-    packing: bool = Field(False, description="Pack several samples into one sequence; attention never crosses samples.")
-    seed: int = Field(1234, description="Seed for data order, initialisation and dropout.")
+    weight_decay: StrictFloat = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_ratio: StrictFloat = Field(0.0, ge=0.0, lt=1.0, description="Fraction of steps with linear warmup.")
+    max_grad_norm: StrictFloat = Field(1.0, ge=0.0, description="Gradient clipping norm (0 disables).")
+    micro_batch_size: StrictInt = Field(1, ge=1, description="Samples per device per forward pass (per_device_train_batch_size).")
+    gradient_accumulation_steps: StrictInt = Field(1, ge=1, description="Micro batches per optimizer step.")
+    max_length: StrictInt = Field(1024, ge=8, description="Longest tokenized sample (prompt + answer); longer ones are truncated.")
+    max_source_length: Optional[StrictInt] = Field(None, ge=1, description="Longest prompt (max_src_len); the prompt is cut from the left.")
+    max_target_length: Optional[StrictInt] = Field(None, ge=1, description="Longest answer; the answer is cut from the right.")
+    packing: StrictBool = Field(False, description="Pack several samples into one sequence; attention never crosses samples.")
+    seed: StrictInt = Field(1234, description="Seed for data order, initialisation and dropout.")
     precision: Precision = Field(Precision.auto, description="fp32 | fp16 | bf16 | auto (bf16 on GPUs that support it, else fp32).")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
-    log_every_steps: int = Field(10, ge=1, description="Log and export metrics every N optimizer steps.")
+    gradient_checkpointing: StrictBool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    log_every_steps: StrictInt = Field(10, ge=1, description="Log and export metrics every N optimizer steps.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Validation settings.")
 
     @model_validator(mode="after")
@@ -264,7 +264,7 @@ class TrainingSpec(SpecModel):
 
 
 class ZeroSpec(SpecModel):
-    stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3 (0 is plain data parallel).")
+    stage: StrictInt = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3 (0 is plain data parallel).")
     offload: Offload = Field(Offload.none, description="none | optimizer (stage >= 1) | all (optimizer and parameters, stage 3).")
 
     @model_validator(mode="after")
@@ -277,8 +277,8 @@ class ZeroSpec(SpecModel):
 
 
 class DistributedSpec(SpecModel):
-    nodes: int = Field(1, ge=1, le=1024, description="Machines (worker pods).")
-    gpus_per_node: int = Field(1, ge=1, le=64, description="GPUs per node; processes per node on CPU-only runs.")
+    nodes: StrictInt = Field(1, ge=1, le=1024, description="Machines (worker pods).")
+    gpus_per_node: StrictInt = Field(1, ge=1, le=64, description="GPUs per node; processes per node on CPU-only runs.")
     zero: ZeroSpec = Field(default_factory=ZeroSpec, description="DeepSpeed ZeRO settings.")
     deepspeed_config: dict[str, Any] = Field(
         default_factory=dict,
@@ -315,8 +315,8 @@ class ImageSpec(SpecModel):
 
 class CheckpointSpec(SpecModel):
     uri: Optional[str] = Field(None, description="Where checkpoints go (default: OUTPUT/checkpoints, or ./runs/NAME/checkpoints locally).")
-    every_steps: int = Field(100, ge=1, description="Save a checkpoint every N optimizer steps (and at the end, and on SIGTERM).")
-    keep: int = Field(3, ge=1, description="Complete checkpoints to keep; older ones are deleted after a newer one is committed.")
+    every_steps: StrictInt = Field(100, ge=1, description="Save a checkpoint every N optimizer steps (and at the end, and on SIGTERM).")
+    keep: StrictInt = Field(3, ge=1, description="Complete checkpoints to keep; older ones are deleted after a newer one is committed.")
 
 
 class StorageSpec(SpecModel):
@@ -325,41 +325,41 @@ class StorageSpec(SpecModel):
     credentials_secret: Optional[str] = Field(
         None, description="Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (never put keys in the spec)."
     )
-    delete_on_job_deletion: bool = Field(False, description="Delete checkpoints when the job is deleted (outputs are always kept).")
+    delete_on_job_deletion: StrictBool = Field(False, description="Delete checkpoints when the job is deleted (outputs are always kept).")
 
 
 class OutputSpec(SpecModel):
     uri: Optional[str] = Field(None, description="Where the adapter and merged model go (default: ./runs/NAME/output locally).")
-    merge: bool = Field(True, description="Merge a LoRA adapter into the base model for serving.")
+    merge: StrictBool = Field(True, description="Merge a LoRA adapter into the base model for serving.")
 
 
 class GenerationSpec(SpecModel):
-    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature (0 = greedy).")
-    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int = Field(50, ge=0, description="Sample among the K likeliest tokens (0 = all).")
-    max_tokens: int = Field(256, ge=1, description="Longest answer in tokens.")
-    repetition_penalty: float = Field(1.0, gt=0.0, description="Penalty for repeated tokens (1 = off).")
-    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size (0 = off).")
-    num_beams: int = Field(1, ge=1, description="Beam search width (1 = off).")
-    do_sample: Optional[bool] = Field(None, description="Sample instead of greedy decoding (default: temperature > 0).")
+    temperature: StrictFloat = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature (0 = greedy).")
+    top_p: StrictFloat = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: StrictInt = Field(50, ge=0, description="Sample among the K likeliest tokens (0 = all).")
+    max_tokens: StrictInt = Field(256, ge=1, description="Longest answer in tokens.")
+    repetition_penalty: StrictFloat = Field(1.0, gt=0.0, description="Penalty for repeated tokens (1 = off).")
+    no_repeat_ngram_size: StrictInt = Field(0, ge=0, description="Forbid repeating n-grams of this size (0 = off).")
+    num_beams: StrictInt = Field(1, ge=1, description="Beam search width (1 = off).")
+    do_sample: Optional[StrictBool] = Field(None, description="Sample instead of greedy decoding (default: temperature > 0).")
 
 
 class ServingSpec(SpecModel):
-    enabled: bool = Field(False, description="Deploy an inference server on the merged model after training.")
+    enabled: StrictBool = Field(False, description="Deploy an inference server on the merged model after training.")
     engine: ServingEngine = Field(ServingEngine.builtin, description="builtin (kubetune-serve, also on CPU) | vllm (GPU clusters).")
-    replicas: int = Field(1, ge=0, description="Serving pods.")
+    replicas: StrictInt = Field(1, ge=0, description="Serving pods.")
     resources: ResourceSpec = Field(default_factory=ResourceSpec, description="Resources of each serving pod.")
     generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Default generation settings.")
-    history: bool = Field(True, description="Use earlier turns the client sends; false answers each question alone (Q&A).")
+    history: StrictBool = Field(True, description="Use earlier turns the client sends; false answers each question alone (Q&A).")
     auth_secret: Optional[str] = Field(None, description="Secret with key `token`: clients must send `Authorization: Bearer TOKEN`.")
-    port: int = Field(8000, ge=1, le=65535, description="Container port of the server.")
+    port: StrictInt = Field(8000, ge=1, le=65535, description="Container port of the server.")
 
 
 class RunPolicy(SpecModel):
-    backoff_limit: int = Field(3, ge=0, description="Gang restarts allowed before the job fails.")
-    active_deadline_seconds: Optional[int] = Field(None, ge=1, description="Fail the job after this many seconds of running.")
-    ttl_seconds_after_finished: Optional[int] = Field(None, ge=0, description="Delete the finished job's workers after this many seconds.")
-    suspend: bool = Field(False, description="Stop workers and keep checkpoints; set back to false to continue.")
+    backoff_limit: StrictInt = Field(3, ge=0, description="Gang restarts allowed before the job fails.")
+    active_deadline_seconds: Optional[StrictInt] = Field(None, ge=1, description="Fail the job after this many seconds of running.")
+    ttl_seconds_after_finished: Optional[StrictInt] = Field(None, ge=0, description="Delete the finished job's workers after this many seconds.")
+    suspend: StrictBool = Field(False, description="Stop workers and keep checkpoints; set back to false to continue.")
 
 
 class FineTuneJobSpec(SpecModel):
@@ -477,6 +477,20 @@ def _line_index(root: Optional[yaml.Node]) -> dict[tuple, int]:
     if root is not None:
         walk(root, ())
     return index
+
+
+def line_of(text: str, field: str | tuple) -> Optional[int]:
+    """The line of `field` (dotted camelCase path or key tuple) in a YAML job text, or of its
+    nearest parent the text has; None if the text has none of it or is not YAML.
+
+    A dotted path whose keys contain dots themselves (`nvidia.com/gpu`) points at the parent.
+    """
+    try:
+        root, _ = _compose_yaml(text)
+    except yaml.YAMLError:
+        return None
+    path = tuple(field.split(".")) if isinstance(field, str) else tuple(field)
+    return _nearest_line(path, _line_index(root))
 
 
 def _field_path(loc: tuple, document: Any) -> tuple:

@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 
 from ..planner import PlanError, estimate, parse_memory, shipped_config, shipped_configs
-from ..spec import FineTuneJob, SpecError, _line_index, _nearest_line, load_job
+from ..spec import FineTuneJob, SpecError, line_of, load_job
 from ..uri import UriError, parse_uri
 from ..validation import check_job
 
@@ -21,15 +20,14 @@ def job_problems(path: str | Path, *, on_cluster: bool) -> tuple[Optional[FineTu
         job = load_job(path)
     except SpecError as err:
         return None, str(err).splitlines()
-    # load_job parsed the file, so composing it again cannot fail.
-    lines = _line_index(yaml.compose(Path(path).read_text(encoding="utf-8")))
-    return job, [f"{_where(path, problem.field, lines)}: {problem}" for problem in check_job(job, on_cluster=on_cluster)]
+    text = Path(path).read_text(encoding="utf-8")
+    return job, [f"{_where(path, text, problem.field)}: {problem}" for problem in check_job(job, on_cluster=on_cluster)]
 
 
-def _where(path: str | Path, field: str, lines: dict[tuple, int]) -> str:
+def _where(path: str | Path, text: str, field: str) -> str:
     # Field paths are dotted YAML keys; a key with dots in it (nvidia.com/gpu), or one the
     # file leaves out, points at the nearest line the file has.
-    line = _nearest_line(tuple(field.split(".")), lines)
+    line = line_of(text, field)
     return f"{path}:{line}" if line else str(path)
 
 
