@@ -42,6 +42,10 @@ def total_params(name: str) -> int:
         ("qwen2-7b", 7_615_616_512),
         ("smollm2-135m", 134_515_008),
         ("chatglm2-6b", 6_243_584_000),
+        # Published sizes: Llama 3 8B, Mistral 7B v0.3 (32768-token vocabulary), Qwen2.5 7B.
+        ("llama-3-8b", 8_030_261_248),
+        ("mistral-7b", 7_248_023_552),
+        ("qwen2.5-7b", 7_615_616_512),
     ],
 )
 def test_parameter_count_from_config(name, count):
@@ -52,7 +56,11 @@ def test_shipped_config_lookup_by_hub_name():
     assert shipped_config("THUDM/chatglm2-6b")["ffn_hidden_size"] == 13696
     assert shipped_config("Qwen/Qwen2-7B-Instruct")["num_key_value_heads"] == 4
     assert shipped_config("HuggingFaceTB/SmolLM2-135M-Instruct")["hidden_size"] == 576
-    assert shipped_config("mistral-7b") is None
+    assert shipped_config("tiiuae/falcon-7b") is None
+    # Other names of the same model, and the longest match wins (3.1 is not 3).
+    assert shipped_config("meta-llama/Meta-Llama-3-8B-Instruct")["max_position_embeddings"] == 8192
+    assert shipped_config("meta-llama/Llama-3.1-8B-Instruct")["max_position_embeddings"] == 131072
+    assert shipped_config("Qwen/Qwen2.5-7B-Instruct")["_name_or_path"] == "Qwen/Qwen2.5-7B-Instruct"
     assert {"chatglm-6b", "chatglm2-6b", "chatglm3-6b", "llama-2-7b", "qwen2-7b", "smollm2-135m"} <= set(shipped_configs())
 
 

@@ -116,3 +116,19 @@ def test_plan_without_a_config_says_what_to_pass(tmp_path, capsys):
     path = write_job(tmp_path, model="models/unknown-model")
     assert main(["plan", str(path)]) == 1
     assert "no config.json found for models/unknown-model; pass --model-config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_plan_knows_every_examples_model(example, capsys):
+    # Each example names its model by a hub-style path; the planner finds shapes for all of them.
+    assert main(["plan", str(example), "--gpu-memory", "80Gi"]) == 0
+    out = capsys.readouterr().out
+    job = load_job(example)
+    assert f"{job.spec.distributed.world_size} process(es)" in " ".join(out.split())
+    assert "fits in 80.0 GiB per GPU" in " ".join(out.split())
+
+
+def test_plan_prints_parameter_counts_in_their_unit(tmp_path, capsys):
+    path = write_job(tmp_path, "  method: {type: full}\n  distributed: {gpusPerNode: 8, zero: {stage: 3, offload: all}}\n")
+    assert main(["plan", str(path), "--model-config", "meta-llama/Meta-Llama-3-8B-Instruct"]) == 0
+    assert "8.03B parameters, 8.03B trainable" in " ".join(capsys.readouterr().out.split())

@@ -410,14 +410,17 @@ def shipped_config(name: str) -> Optional[dict[str, Any]]:
     """The shipped config for a model name (`THUDM/chatglm2-6b`, `Qwen2-7B-Instruct`...), or None.
 
     Matches the name after any organisation prefix, exactly or by the longest shipped name
-    it starts with (so `-Instruct`/`-chat` variants share their base's shapes).
+    it starts with (so `-Instruct`/`-chat` variants share their base's shapes). A config may
+    list other names of the same model under `_kubetune_names` (`meta-llama-3-8b`).
     """
     wanted = name.strip().rstrip("/").rsplit("/", 1)[-1].lower()
-    candidates = [c for c in shipped_configs() if wanted == c or wanted.startswith(c + "-")]
+    folder = resources.files("kubetune") / "model_configs"
+    configs = {c: json.loads((folder / f"{c}.json").read_text()) for c in shipped_configs()}
+    names = [(alias, c) for c, config in configs.items() for alias in [c, *config.get("_kubetune_names", [])]]
+    candidates = [(alias, c) for alias, c in names if wanted == alias or wanted.startswith(alias + "-")]
     if not candidates:
         return None
-    best = max(candidates, key=len)
-    return json.loads((resources.files("kubetune") / "model_configs" / f"{best}.json").read_text())
+    return configs[max(candidates, key=lambda pair: len(pair[0]))[1]]
 
 
 _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4, "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}

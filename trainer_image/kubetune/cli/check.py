@@ -31,6 +31,14 @@ def _where(path: str | Path, text: str, field: str) -> str:
     return f"{path}:{line}" if line else str(path)
 
 
+def count(n: int) -> str:
+    """A parameter count as people write it: 8.03B, 40.4M, 922K."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
 def validate_command(args) -> int:
     job, problems = job_problems(args.job, on_cluster=args.cluster)
     for line in problems:
@@ -163,7 +171,7 @@ def plan_command(args) -> int:
     console = Console()
     console.print(table)
     console.print(
-        f"model config: {source}; {est.total_params / 1e9:.3g}B parameters, {est.trainable_params / 1e6:.3g}M trainable; "
+        f"model config: {source}; {count(est.total_params)} parameters, {count(est.trainable_params)} trainable; "
         f"{est.world_size} process(es), micro batch {spec.training.micro_batch_size} x length {spec.training.max_length}, "
         f"gradient checkpointing {'on' if spec.training.gradient_checkpointing else 'off'}"
     )
