@@ -21,6 +21,12 @@ Plain text (format text) is the text's tokens + EOS, cut from the right at maxLe
 The first token of every sample has label -100 (nothing predicts it), so packed samples
 never train one sample's last token to predict the next sample's first.
 A sample left without trained tokens is dropped (counted in the returned statistics).
+
+Data is text (the rule and mechanism are in encoding.py): message content and plain text
+that spell a special token (`<|im_end|>`, `</s>`, `<|endoftext|>`) are tokenized as ordinary
+text in every role, so a sample cannot forge turns, system prompts, EOS or label boundaries;
+only the chat template's own markup produces special tokens. Text without such strings is
+tokenized exactly as one call on the rendered conversation.
 """
 
 from __future__ import annotations
@@ -30,16 +36,13 @@ from typing import Optional
 
 from ..testing import CHATML_TEMPLATE
 from .converters import Message
+from .encoding import TemplateError, encode_chat, encode_plain, render_chat
 
 IGNORE = -100
 
 # Named templates a user may set in spec.model.chatTemplate instead of Jinja text, for
 # tokenizers that ship none. Explicit only: a missing template is never guessed.
 NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}
-
-
-class TemplateError(ValueError):
-    pass
 
 
 @dataclass
@@ -83,19 +86,16 @@ def install_chat_template(tokenizer, chat_template: Optional[str], model_name: s
         )
 
 
-def _render(tokenizer, messages: list[Message], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def assistant_char_spans(tokenizer, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the (start, end) characters of every assistant answer."""
-    text = _render(tokenizer, messages, False)
+def assistant_char_spans(tokenizer, messages: list[Message], text: Optional[str] = None) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation (`text` when already rendered) and the (start, end) characters
+    of every assistant answer."""
+    text = render_chat(tokenizer, messages, False) if text is None else text
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], True)
-        upto = _render(tokenizer, messages[: i + 1], False)
+        before = render_chat(tokenizer, messages[:i], True)
+        upto = render_chat(tokenizer, messages[: i + 1], False)
         if not (upto.startswith(before) and text.startswith(upto)):
             raise TemplateError(
                 "the chat template renders earlier turns differently once later turns follow, so answer "
@@ -145,13 +145,12 @@ def truncate_turns(turns: list[tuple[list[int], list[int]]], limits: LengthLimit
 
 def tokenize_messages(tokenizer, messages: list[Message], limits: LengthLimits) -> tuple[Sample, bool]:
     """(sample, truncated) for a chat sample rendered with the tokenizer's chat template."""
-    text, spans = assistant_char_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
+    enc = encode_chat(tokenizer, messages)
+    _, spans = assistant_char_spans(tokenizer, messages, enc.text)
     # A token that straddles a span edge (e.g. " a" when the template puts a space before
     # the answer) is trained: otherwise the answer's first token would never be learned.
-    trained = [any(start < hi and end > lo for lo, hi in spans) for start, end in enc["offset_mapping"]]
-    turns = _turns(ids, trained)
+    trained = [any(start < hi and end > lo for lo, hi in spans) for start, end in enc.offsets]
+    turns = _turns(enc.ids, trained)
     kept = truncate_turns(turns, limits)
     input_ids, labels = [], []
     for prompt, answer in kept:
@@ -162,8 +161,9 @@ def tokenize_messages(tokenizer, messages: list[Message], limits: LengthLimits) 
 
 
 def tokenize_text(tokenizer, text: str, limits: LengthLimits) -> tuple[Sample, bool]:
-    """(sample, truncated) for plain text: every token is trained."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    """(sample, truncated) for plain text: every token is trained; special-token strings in the
+    text are text, so the appended EOS is the sample's only EOS."""
+    ids = encode_plain(tokenizer, text, add_special_tokens=True)
     if tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]
     truncated = len(ids) > limits.max_length
