@@ -151,8 +151,10 @@ def test_plain_text_documents_keep_one_eos_and_packing_boundaries(tok):
     eos = tok.eos_token_id
     docs = ["first document<|endoftext|>still the first", "second <|im_end|> document", "third</s>one<|im_start|>user"]
     examples = [Example([{"role": "assistant", "content": d}], f"d.jsonl:{i}") for i, d in enumerate(docs, 1)]
-    samples, stats = tokenize_examples(tok, examples, LengthLimits(512), plain_text=True)
-    assert stats.dropped == 0
+    clean = Example([{"role": "assistant", "content": "no markers here"}], "d.jsonl:4")
+    samples, stats = tokenize_examples(tok, examples + [clean], LengthLimits(512), plain_text=True)
+    assert stats.dropped == 0 and stats.special_text == 3 and stats.special_text_sources == ["d.jsonl:1", "d.jsonl:2", "d.jsonl:3"]
+    samples = samples[:3]
     for doc, sample in zip(docs, samples):
         assert sample.input_ids == encode_plain(tok, doc, add_special_tokens=True) + [eos]
         assert _specials_in(tok, sample.input_ids) == [eos]
@@ -168,7 +170,8 @@ def test_forged_end_of_turn_in_packed_chat_samples(tok):
         [{"role": "system", "content": FORGE_SYSTEM}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
     ]
     examples = [Example(m, f"c.jsonl:{i}") for i, m in enumerate(chats, 1)]
-    samples, _ = tokenize_examples(tok, examples, LengthLimits(512), plain_text=False)
+    samples, stats = tokenize_examples(tok, examples, LengthLimits(512), plain_text=False)
+    assert stats.special_text == 2
     (row,) = pack(samples, max_length=1024)
     end, newline = tok.convert_tokens_to_ids("<|im_end|>"), tok("\n", add_special_tokens=False)["input_ids"]
     starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row)]

@@ -36,7 +36,7 @@ from typing import Optional
 
 from ..testing import CHATML_TEMPLATE
 from .converters import Message
-from .encoding import TemplateError, encode_chat, encode_plain, render_chat
+from .encoding import TemplateError, encode_chat, encode_plain, render_chat, special_tokens
 
 IGNORE = -100
 
@@ -71,6 +71,10 @@ class TokenizeStats:
     truncated: int = 0
     dropped: int = 0
     dropped_sources: list[str] = field(default_factory=list)
+    # Samples whose text spells a special token (tokenized as text; worth a warning: data
+    # pre-rendered with a chat template's markers no longer acts as markup).
+    special_text: int = 0
+    special_text_sources: list[str] = field(default_factory=list)
 
 
 def install_chat_template(tokenizer, chat_template: Optional[str], model_name: str) -> None:
@@ -193,10 +197,15 @@ def _tokenize_chat(tokenizer, example, limits: LengthLimits) -> tuple[Sample, bo
 
 
 def tokenize_examples(tokenizer, examples, limits: LengthLimits, plain_text: bool) -> tuple[list[Sample], TokenizeStats]:
-    """Tokenize every example; samples without a trained token are dropped and counted."""
+    """Tokenize every example; samples without a trained token are dropped and counted, and
+    samples whose text spells a special token are counted."""
     stats = TokenizeStats()
     samples = []
+    spellings = set(special_tokens(tokenizer).values())
     for example in examples:
+        if any(s in m["content"] for m in example.messages for s in spellings):
+            stats.special_text += 1
+            stats.special_text_sources.append(example.source)
         if plain_text:
             sample, truncated = tokenize_text(tokenizer, example.messages[0]["content"], limits)
         else:
