@@ -6,7 +6,12 @@ kmock (by kopf's author) is an in-memory API server. Closed here (see shared/TOO
 - a failed JSON-patch `test` answers 422 (kopf's optimistic concurrency), not 500;
 - label selectors on lists; lists carry kind/apiVersion; the core group is "v1", not "/v1";
 - owner-reference garbage collection (switchable, to prove the operator cleans up itself);
-- pods/log is served from `logs` (what the kubelet harness captured), not the pod object.
+- pods/log is served from `logs` (what the kubelet harness captured), not the pod object;
+- kmock picks the reaction for a request by testing `request in view` for each registered
+  view, and answers that by scanning every request ever served: each request cost grew with
+  the server's history (1000 creates took minutes). For views that are chains of filters
+  and priorities over the root (all of this emulator's), the same answer is computed from
+  the request alone (`_sees`); other views keep kmock's own scan.
 
 `Cluster` runs it on 127.0.0.1 in a background thread so synchronous tests, kubectl and an
 in-process operator (in its own thread) can all talk to it.
@@ -27,7 +32,7 @@ import aiohttp.web
 import jsonpatch
 import kmock
 import yaml
-from kmock._internal import enums
+from kmock._internal import dsl, enums, rendering
 
 from kubetune import crd as crdmod
 
@@ -37,6 +42,37 @@ VERBS = {"get", "list", "watch", "create", "patch", "delete"}
 
 def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _sees(view: dsl.View, request: rendering.Request) -> Optional[bool]:
+    """Whether `view` holds `request`, for a chain of filters and priorities over a root (the
+    answer of kmock's scan); None for any other view."""
+    while True:
+        if isinstance(view, dsl.Root):
+            log = view._requests
+            return (0 <= request.id < len(log) and log[request.id] is request) or any(r is request for r in reversed(log))
+        if type(view) is dsl.Priority:
+            view = view._source
+        elif type(view) is dsl.Filter:
+            if not view.criteria(request):
+                return False
+            view = view._source
+        else:
+            return None
+
+
+_kmock_contains = dsl.View.__contains__
+
+
+def _contains(self: dsl.View, item: Any) -> bool:
+    if isinstance(item, rendering.Request):
+        seen = _sees(self, item)
+        if seen is not None:
+            return seen
+    return _kmock_contains(self, item)
+
+
+dsl.View.__contains__ = _contains
 
 
 def match_selector(labels: dict[str, str], selector: str) -> bool:
