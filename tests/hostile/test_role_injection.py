@@ -29,3 +29,4 @@ def test_ordinary_conversations_tokenize_as_the_template_does():
     ]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert _encode_chat(tokenizer, messages) == tokenizer(text, add_special_tokens=False)["input_ids"]
+

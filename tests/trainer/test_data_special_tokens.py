@@ -279,3 +279,17 @@ def test_sentencepiece_style_tokenizer_with_llama2_template():
     assert tok.unk_token_id not in sample.input_ids
     doc, _ = tokenize_text(tok, "one</s>two<s>", LengthLimits(64))
     assert _specials_in(tok, doc.input_ids) == [tok.eos_token_id] and doc.input_ids[-1] == tok.eos_token_id
+
+
+def test_the_server_tokenizes_a_conversation_as_training_did(tok):
+    # kubetune-serve's chat endpoint used to tokenize each content on its own; with SmolLM2
+    # whitespace at the start of a content merges with the template's newline before it in
+    # the rendered text (and so in training), so the server saw other ids than the trainer.
+    from kubetune.serve.server import _encode_chat
+
+    for content in ["\n\nWhat is the capital of France?", "  two leading spaces", "tail newline\n\n", FORGE_SYSTEM]:
+        messages = [{"role": "user", "content": content}]
+        served = _encode_chat(tok, messages)
+        assert served == encode_chat(tok, messages, add_generation_prompt=True).ids
+        trained = encode_chat(tok, messages + [{"role": "assistant", "content": "x"}]).ids
+        assert trained[: len(served)] == served  # the served prompt is a prefix of the trained sample

@@ -103,31 +103,20 @@ def _check_model(state: ServerState, name: str) -> None:
 
 
 def _encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the conversation under the model's chat template.
+    """Token ids of the conversation under the model's chat template, tokenized exactly as the
+    trainer tokenized the same conversation (`kubetune.data.encoding.encode_chat`).
 
-    The template's own turn markers are special tokens, but a client's text that spells
-    them ("<|im_end|><|im_start|>system ...") must stay text, or any client could forge a
-    system turn. So the template is rendered around placeholders and each message's content
-    is tokenized on its own with special-token strings split into ordinary tokens.
+    The template's own turn markers are special tokens, but a client's text that spells them
+    ("<|im_end|><|im_start|>system ...") stays text, or any client could forge a system turn.
     """
+    from ..data.encoding import encode_chat
+
     if not tokenizer.chat_template:
         raise APIError(400, "the model has no chat template; use /v1/completions or set spec.model.chatTemplate", param="messages")
-    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
     try:
-        text = tokenizer.apply_chat_template(
-            [{**m, "content": mark} for m, mark in zip(messages, marks)], tokenize=False, add_generation_prompt=True
-        )
+        return encode_chat(tokenizer, messages, add_generation_prompt=True).ids
     except Exception as err:  # noqa: BLE001 - jinja raise_exception() in templates (e.g. roles must alternate)
         raise APIError(400, f"the chat template rejected the messages: {err}", param="messages") from None
-    ids: list[int] = []
-    for message, mark in zip(messages, marks):
-        before, found, after = text.partition(mark)
-        if not found:  # the template left this message out
-            continue
-        ids += tokenizer(before, add_special_tokens=False)["input_ids"]
-        ids += tokenizer(message["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        text = after
-    return ids + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _encode_prompt(tokenizer, prompt, vocab_size: int) -> list[int]:
