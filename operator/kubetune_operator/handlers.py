@@ -1,10 +1,23 @@
-"""kopf handlers: a level-based reconciliation timer per FineTuneJob, plus cleanup on delete.
+"""kopf handlers: one level-based reconciliation of a FineTuneJob, plus cleanup on delete.
 
-Each cycle observes the job's children, the Secrets it names and the trainer's
-progress.json, asks the pure state machine (`status.decide`) what to do, creates or
-deletes children (idempotently: deterministic names, create-if-absent, 409 = exists),
-patches the status and emits an Event per transition. A lost watch event, a deleted child
-or an operator restart is therefore repaired by the next cycle.
+`reconcile` runs from a kopf timer (first at once when the operator sees the job: on
+creation and on operator start; then every `reconcile_interval`) and from a spec change
+(`kopf.on.update` on `spec`), one run at a time per job (a lock in the memo). Each run
+observes the job's children, the Secrets it names and the trainer's progress.json, asks
+the pure state machine (`status.decide`) what to do, creates or deletes children
+(idempotently: deterministic names, create-if-absent, 409 = exists), patches the status
+(one merge patch, none when nothing changed) and emits an Event per transition. A lost watch
+event, a deleted child or an operator restart is therefore repaired by the next run.
+
+API calls per run are kept to what the decision needs: the status the operator last wrote
+is kept in memory (it is the only writer of status, so that copy is never older than the
+watched body), a job that never started creates its children without listing or reading
+first (409 = already there), the serving Deployment is read only in the phases that have
+one, and each Secret is read once per run. kopf's diff base is kept in memory
+(`MemoryDiffBaseStorage`): no annotation patch per job and per spec change; after a restart
+every job is reconciled from its live state anyway. A new job thus costs, besides its own
+creation and its children's: kopf's finalizer patch, one Secret read, one status patch and
+one Event.
 
 Storage credentials: to read progress.json the operator fetches the job's
 `spec.storage.credentialsSecret` through the API at read time and passes the keys to a
@@ -25,7 +38,7 @@ import logging
 import os
 import time
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import kopf
 
@@ -50,6 +63,28 @@ MUTABLE_FIELDS = ("serving", "runPolicy")
 SPEC_HASH_ANNOTATION = "kubetune.io/spec-hash"
 EVENT_MESSAGE_LIMIT = 1000
 STATUS_KEYS_OWNED_BY_KOPF = ("kopf",)
+# Phases in which a serving Deployment can exist (or is about to be created).
+SERVING_PHASES = ("Merging", "Serving", "Succeeded")
+S3_CLIENT_CACHE_LIMIT = 256
+
+
+class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
+    """kopf's "last handled" essence of each job, in memory (by uid) instead of an annotation
+    that costs a PATCH of the job on creation and on every spec change. After an operator
+    restart kopf sees every job as resumed, and the timer's first run reconciles it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.essences: dict[str, kopf.BodyEssence] = {}
+
+    def fetch(self, *, body: kopf.Body) -> Optional[kopf.BodyEssence]:
+        return self.essences.get(body.metadata.uid)
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        self.essences[body.metadata.uid] = essence
+
+    def forget(self, uid: Optional[str]) -> None:
+        self.essences.pop(uid, None)
 
 
 
@@ -60,14 +95,16 @@ def kube(memo: kopf.Memo) -> Kube:
 
 
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    # Keep kopf's bookkeeping in annotations: the CRD's structural schema prunes status.kopf.
+    # kopf's handler progress (retries) in annotations: the CRD's structural schema prunes
+    # status.kopf. Its diff base in memory (see MemoryDiffBaseStorage).
     settings.persistence.finalizer = "kubetune.io/cleanup"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubetune.io", key="last-handled-configuration")
+    settings.persistence.diffbase_storage = memo["diffbase"]
     settings.posting.level = logging.WARNING  # our own Events describe transitions
     settings.peering.standalone = True  # one replica (the chart's Deployment has replicas: 1)
     settings.watching.server_timeout = 300
     metrics.serve(memo["settings"].metrics_port)
+    boto3_session()  # import boto3 now, not in the first job's first run
 
 
 def login(memo: kopf.Memo, **kwargs: Any) -> Optional[kopf.ConnectionInfo]:
@@ -157,20 +194,30 @@ class Reconciler:
     """One reconciliation cycle of one job."""
 
     def __init__(self, api: Kube, body: kopf.Body, settings: Settings, logger: logging.Logger | logging.LoggerAdapter,
-                 storage_failures: Optional[dict] = None, plans: Optional[dict] = None):  # fmt: skip
+                 storage_failures: Optional[dict] = None, plans: Optional[dict] = None,
+                 previous: Optional[dict] = None, s3_clients: Optional[dict] = None):  # fmt: skip
         self.api = api
         self.plans = plans if plans is not None else {}
         # (namespace, name) -> monotonic time of the last failed progress read (shared across cycles).
         self.storage_failures = storage_failures if storage_failures is not None else {}
+        self.s3_clients = s3_clients if s3_clients is not None else {}
         self.body = body
         self.settings = settings
         self.logger = logger
         self.name = body.metadata.name
         self.namespace = body.metadata.namespace
-        self.previous = copy.deepcopy({k: v for k, v in dict(body.get("status") or {}).items() if k not in STATUS_KEYS_OWNED_BY_KOPF})
+        # The status this run starts from: the one the operator last wrote, else the body's.
+        status = previous if previous is not None else dict(body.get("status") or {})
+        self.previous = copy.deepcopy({k: v for k, v in status.items() if k not in STATUS_KEYS_OWNED_BY_KOPF})
+        # A job that never started (no startTime) has no children the operator knows of: its
+        # run creates them without listing or reading first (deterministic names, 409 = already
+        # there, e.g. after a crash before the status patch). A started job is observed, to repair.
+        self.started = bool(self.previous.get("startTime"))
         self.pods: list[dict] = []
         self.config_map: Optional[dict] = None
+        self.config_map_read = False
         self.deployment: Optional[dict] = None
+        self.secrets: dict[str, Optional[dict]] = {}  # read once per run
 
     async def run(self) -> Decision:
         job, problems = parse_body(self.body)
@@ -211,11 +258,21 @@ class Reconciler:
             wanted.append(("spec.serving.authSecret", job.spec.serving.auth_secret))
         problems = []
         for field, name in wanted:
-            if await self.api.get("Secret", self.namespace, name) is None:
+            if await self.secret(name) is None:
                 problems.append(f"{field}: Secret {name!r} not found in namespace {self.namespace}")
         return problems
 
+    async def secret(self, name: str) -> Optional[dict]:
+        if name not in self.secrets:
+            self.secrets[name] = await self.api.get("Secret", self.namespace, name)
+        return self.secrets[name]
+
+    async def storage_keys(self, job: FineTuneJob) -> dict[str, str]:
+        return await storage_keys(self.api, job, self.secret)
+
     async def observe(self, job: FineTuneJob, observed: Observed) -> FineTuneJob:
+        if not self.started:
+            return job  # nothing of it to observe yet (see __init__)
         self.pods = await self.api.list("Pod", self.namespace, {builders.JOB_LABEL: self.name})
         for pod in self.pods:
             labels = pod["metadata"].get("labels") or {}
@@ -229,16 +286,21 @@ class Reconciler:
                 observed.workers[int(labels[builders.INDEX_LABEL])] = state
             elif role == "merge":
                 observed.merge = state
-        self.deployment = await self.api.get("Deployment", self.namespace, builders.serve_name(self.name))
-        if self.deployment is not None:
-            observed.serving_ready_replicas = (self.deployment.get("status") or {}).get("readyReplicas") or 0
-        self.config_map = await self.api.get("ConfigMap", self.namespace, builders.config_map_name(self.name))
-        if self.config_map is not None and self.previous.get("startTime"):
+        if self.previous.get("phase") in SERVING_PHASES:
+            self.deployment = await self.api.get("Deployment", self.namespace, builders.serve_name(self.name))
+            if self.deployment is not None:
+                observed.serving_ready_replicas = (self.deployment.get("status") or {}).get("readyReplicas") or 0
+        if await self.read_config_map() is not None:
             started = builders.job_from_config_map(self.config_map, job.metadata.model_dump(exclude_none=True))
             if started is not None:
                 observed.spec_changes = changed_fields(started, job)
                 return with_mutable_fields(started, job)
         return job
+
+    async def read_config_map(self) -> Optional[dict]:
+        self.config_map = await self.api.get("ConfigMap", self.namespace, builders.config_map_name(self.name))
+        self.config_map_read = True
+        return self.config_map
 
     async def memory_plan(self, job: FineTuneJob) -> Optional[tuple[bool, str]]:
         """The planner's verdict, computed once per spec generation (config.json read at most once)."""
@@ -257,7 +319,7 @@ class Reconciler:
         if uri.scheme != "s3" or job.spec.model.gguf_file:
             return None  # pvc/hf/GGUF configs are not read by the operator
         try:
-            store = s3_store(uri, job.spec.storage, await storage_keys(self.api, job), attempts=2)
+            store = s3_store(uri, job.spec.storage, await self.storage_keys(job), attempts=2, clients=self.s3_clients)
             return json.loads(await asyncio.to_thread(store.get_bytes, "config.json"))
         except Exception as err:  # noqa: BLE001 - advisory only
             self.logger.info(f"no memory estimate: cannot read {uri}/config.json: {type(err).__name__}")
@@ -277,9 +339,9 @@ class Reconciler:
         failed_at = self.storage_failures.get(key)
         if failed_at is not None and time.monotonic() - failed_at < self.settings.progress_retry_seconds:
             return None
-        keys = await storage_keys(self.api, job)
+        keys = await self.storage_keys(job)
         try:
-            store = s3_store(layout.checkpoints, job.spec.storage, keys, attempts=1)  # the next cycle retries
+            store = s3_store(layout.checkpoints, job.spec.storage, keys, attempts=1, clients=self.s3_clients)  # the next cycle retries
             raw = await asyncio.to_thread(store.get_bytes, "progress.json")
         except FileNotFoundError:
             return None  # the trainer has not written it yet
@@ -299,8 +361,8 @@ class Reconciler:
         api, ns = self.api, self.namespace
         for action in decision.actions:
             if action is Action.ENSURE_TRAINING_INFRA:
-                await self.ensure_config_map(job, started=bool(decision.status.get("startTime")) and bool(self.previous.get("startTime")))
-                if await api.get("Service", ns, builders.workers_service_name(self.name)) is None:
+                await self.ensure_config_map(job, started=bool(decision.status.get("startTime")) and self.started)
+                if not self.started or await api.get("Service", ns, builders.workers_service_name(self.name)) is None:
                     await api.create(builders.build_worker_service(job))
             elif action is Action.CREATE_WORKERS:
                 attempt = decision.status.get("attempt", 0)
@@ -326,8 +388,10 @@ class Reconciler:
     async def ensure_config_map(self, job: FineTuneJob, started: bool) -> None:
         wanted = builders.build_config_map(job)
         if self.config_map is None:
-            await self.api.create(wanted)
-        elif not started and self.config_map.get("data") != wanted["data"]:
+            # Not read (a job that never started) or read as absent: create; on 409 read what is there.
+            if await self.api.create(wanted) or self.config_map_read or await self.read_config_map() is None:
+                return
+        if not started and self.config_map.get("data") != wanted["data"]:
             # Spec edited before any worker started: the workers get the new spec.
             await self.api.merge_patch("ConfigMap", self.namespace, wanted["metadata"]["name"], {"data": wanted["data"]})
 
@@ -344,28 +408,57 @@ class Reconciler:
             await self.api.create(builders.build_serving_service(job))
 
 
-async def storage_keys(api: Kube, job: FineTuneJob) -> dict[str, str]:
-    """The job's S3 keys, read from its Secret now and kept in memory only."""
+async def storage_keys(api: Kube, job: FineTuneJob, secret: Optional[Callable[[str], Awaitable[Optional[dict]]]] = None) -> dict[str, str]:
+    """The job's S3 keys, read from its Secret now (through `secret(name)` if given) and kept in memory only."""
     name = job.spec.storage.credentials_secret
     if not name:
         return {}
-    data = ((await api.get("Secret", job.metadata.namespace, name)) or {}).get("data") or {}
+    found = await secret(name) if secret is not None else await api.get("Secret", job.metadata.namespace, name)
+    data = (found or {}).get("data") or {}
     return {k: base64.b64decode(data[k]).decode() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if k in data}
 
 
-def s3_store(root: Uri, storage: specmod.StorageSpec, keys: dict[str, str], attempts: int) -> S3Store:
-    """A store on one of the job's S3 locations with explicit keys (never via os.environ)."""
-    import boto3
+_BOTO3_SESSION: Any = None
+
+
+def boto3_session() -> Any:
+    """One boto3 session for the operator's S3 clients (built on the event loop thread only)."""
+    global _BOTO3_SESSION
+    if _BOTO3_SESSION is None:
+        import boto3
+
+        _BOTO3_SESSION = boto3.session.Session()
+    return _BOTO3_SESSION
+
+
+def s3_store(root: Uri, storage: specmod.StorageSpec, keys: dict[str, str], attempts: int, clients: Optional[dict] = None) -> S3Store:
+    """A store on one of the job's S3 locations with explicit keys (never via os.environ).
+
+    Building a boto3 client costs CPU on the event loop (a new session parses the S3 service
+    model again): clients come from one session, and with `clients` (the memo's cache) one
+    client per endpoint, region, keys and retry count is reused across runs and jobs. The
+    cache key holds a digest of the secret key, not the key; the client itself holds the keys
+    in memory, as one built per run did. Keys are always passed explicitly, so the shared
+    session's own credential chain is never used for a job that names a Secret."""
     from botocore.config import Config
 
-    client = boto3.session.Session().client(
-        "s3",
-        endpoint_url=storage.endpoint or None,
-        region_name=storage.region or "us-east-1",
-        aws_access_key_id=keys.get("AWS_ACCESS_KEY_ID"),
-        aws_secret_access_key=keys.get("AWS_SECRET_ACCESS_KEY"),
-        config=Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=3, read_timeout=10, s3={"addressing_style": "path"}),
-    )
+    key_id, secret_key = keys.get("AWS_ACCESS_KEY_ID"), keys.get("AWS_SECRET_ACCESS_KEY")
+    cache_key = (storage.endpoint or "", storage.region or "", key_id or "",
+                 hashlib.sha256((secret_key or "").encode()).hexdigest(), attempts)  # fmt: skip
+    client = clients.get(cache_key) if clients is not None else None
+    if client is None:
+        client = boto3_session().client(
+            "s3",
+            endpoint_url=storage.endpoint or None,
+            region_name=storage.region or "us-east-1",
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret_key,
+            config=Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=3, read_timeout=10, s3={"addressing_style": "path"}),
+        )
+        if clients is not None:
+            if len(clients) >= S3_CLIENT_CACHE_LIMIT:
+                clients.clear()  # rotated keys leave stale entries behind; start over
+            clients[cache_key] = client
     return S3Store(root, client=client)
 
 
@@ -384,13 +477,45 @@ def duration(status: dict, now: datetime) -> Optional[float]:
     return max(0.0, (end - parse_iso(start)).total_seconds())
 
 
-async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, memo: kopf.Memo, **_: Any) -> None:
-    if body.metadata.get("deletionTimestamp"):
-        return  # being deleted: `cleanup` removes the children; never recreate them
+def job_lock(memo: kopf.Memo, namespace: str, name: str) -> asyncio.Lock:
+    """One run at a time per job, whichever trigger started it."""
+    return memo["locks"].setdefault((namespace, name), asyncio.Lock())
+
+
+def last_written_status(memo: kopf.Memo, body: kopf.Body) -> Optional[dict]:
+    """The status this operator process last wrote for this very job (same uid), if any.
+    The operator is the only writer of a FineTuneJob's status, so this copy is never older
+    than the body kopf last watched (which may not show the last write yet)."""
+    known = memo["statuses"].get((body.metadata.namespace, body.metadata.name))
+    if known is not None and known[0] == body.metadata.uid:
+        return known[1]
+    return None
+
+
+async def reconcile(body: kopf.Body, logger: logging.Logger, memo: kopf.Memo, **_: Any) -> None:
+    """The one reconciliation, run by every trigger (timer, spec change); one run at a time per job."""
+    namespace, name = body.metadata.namespace, body.metadata.name
+    async with job_lock(memo, namespace, name):
+        if body.metadata.get("deletionTimestamp"):
+            return  # being deleted: `cleanup` removes the children; never recreate them
+        await reconcile_locked(body, logger, memo)
+
+
+async def reconcile_locked(body: kopf.Body, logger: logging.Logger, memo: kopf.Memo) -> None:
+    api = kube(memo)
     started = time.monotonic()
     try:
-        reconciler = Reconciler(kube(memo), body, memo["settings"], logger, memo["storage_failures"], memo["plans"])
+        reconciler = Reconciler(api, body, memo["settings"], logger, memo["storage_failures"], memo["plans"],
+                                previous=last_written_status(memo, body), s3_clients=memo["s3_clients"])  # fmt: skip
         decision = await reconciler.run()
+        patch = status_patch(reconciler.previous, decision.status)
+        if patch:
+            written = await api.patch_status(reconciler.namespace, reconciler.name, patch)
+            key = (reconciler.namespace, reconciler.name)
+            if isinstance((written or {}).get("status"), dict):
+                memo["statuses"][key] = (body.metadata.uid, written["status"])
+            else:
+                memo["statuses"].pop(key, None)  # no object in the answer: trust the watched body
     except Exception:
         metrics.RECONCILE_TOTAL.labels("error").inc()
         metrics.RECONCILE_ERRORS.inc()
@@ -398,8 +523,6 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, 
     finally:
         metrics.RECONCILE_DURATION.observe(time.monotonic() - started)
     metrics.RECONCILE_TOTAL.labels("ok").inc()
-    for key, value in status_patch(reconciler.previous, decision.status).items():
-        patch.status[key] = value
     for event in decision.events:
         kopf.event(body, type=event.type, reason=event.reason, message=short(event.message))
         log = logger.warning if event.type == "Warning" else logger.info
@@ -409,6 +532,13 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, 
 
 async def cleanup(body: kopf.Body, logger: logging.Logger, memo: kopf.Memo, **_: Any) -> None:
     """Children go (owner references do it too; explicit deletes make it immediate)."""
+    ns, name = body.metadata.namespace, body.metadata.name
+    async with job_lock(memo, ns, name):  # a run in progress finishes first; later runs see the deletion
+        await cleanup_locked(body, logger, memo)
+    memo["locks"].pop((ns, name), None)
+
+
+async def cleanup_locked(body: kopf.Body, logger: logging.Logger, memo: kopf.Memo) -> None:
     api, ns, name = kube(memo), body.metadata.namespace, body.metadata.name
     for pod in await api.list("Pod", ns, {builders.JOB_LABEL: name}):
         await api.delete("Pod", ns, pod["metadata"]["name"])
@@ -421,6 +551,8 @@ async def cleanup(body: kopf.Body, logger: logging.Logger, memo: kopf.Memo, **_:
         await delete_checkpoints(api, job, logger)
     metrics.forget_job(ns, name)
     memo["storage_failures"].pop((ns, name), None)
+    memo["statuses"].pop((ns, name), None)
+    memo["diffbase"].forget(body.metadata.uid)
     for key in [k for k in memo["plans"] if k[:2] == (ns, name)]:
         del memo["plans"][key]
     logger.info("children deleted; outputs kept")
@@ -449,10 +581,14 @@ def build_registry(settings: Settings) -> kopf.OperatorRegistry:
     kopf.on.startup(registry=registry)(configure)
     kopf.on.login(registry=registry)(login)
     kopf.on.cleanup(registry=registry)(close_client)
-    kopf.timer(GROUP, VERSION, PLURAL, interval=settings.reconcile_interval, id="reconcile", registry=registry)(reconcile)
+    # The first run at once when the job is seen (created, or found at operator start), then
+    # every interval; a spec change runs it at once too (suspend, serving, edits before start).
+    kopf.timer(GROUP, VERSION, PLURAL, interval=settings.reconcile_interval, initial_delay=0, id="reconcile", registry=registry)(reconcile)
+    kopf.on.update(GROUP, VERSION, PLURAL, field="spec", id="spec-changed", registry=registry)(reconcile)
     kopf.on.delete(GROUP, VERSION, PLURAL, id="cleanup", registry=registry)(cleanup)
     return registry
 
 
 def new_memo(settings: Settings) -> kopf.Memo:
-    return kopf.Memo(settings=settings, kube=None, storage_failures={}, plans={})
+    return kopf.Memo(settings=settings, kube=None, storage_failures={}, plans={}, locks={}, statuses={}, s3_clients={},
+                     diffbase=MemoryDiffBaseStorage())  # fmt: skip

@@ -16,9 +16,13 @@ from typing import Any, Optional
 import aiohttp
 import kopf
 
-# (verb, resource) of every API call below, for the chart's Role. kopf adds its own
-# (finetunejobs list/watch/patch, finetunejobs/status patch, events create, CRD/namespace discovery).
+from kubetune.spec import API_GROUP, API_VERSION, PLURAL
+
+# (verb, resource) of every API call below, for the chart's Role; a resource outside the core
+# group is written resource[/subresource].group. kopf adds its own (finetunejobs list/watch,
+# finetunejobs patch for its finalizer, events create, CRD/namespace discovery).
 CALLS = [
+    ("patch", "finetunejobs/status.kubetune.io"),
     ("list", "pods"), ("create", "pods"), ("delete", "pods"), ("get", "pods/log"),
     ("get", "configmaps"), ("create", "configmaps"), ("patch", "configmaps"), ("delete", "configmaps"),
     ("get", "services"), ("create", "services"), ("delete", "services"),
@@ -33,6 +37,7 @@ KINDS = {
     "Service": ("/api/v1", "services"),
     "Secret": ("/api/v1", "secrets"),
     "Deployment": ("/apis/apps/v1", "deployments"),
+    "FineTuneJob": (f"/apis/{API_GROUP}/{API_VERSION}", PLURAL),
 }
 
 
@@ -156,6 +161,11 @@ class Kube:
 
     async def merge_patch(self, kind: str, namespace: str, name: str, patch: dict) -> None:
         await self.request("PATCH", path(kind, namespace, name), json=patch, content_type="application/merge-patch+json")
+
+    async def patch_status(self, namespace: str, name: str, status: dict) -> Optional[dict]:
+        """Merge-patch a FineTuneJob's status subresource; returns the object as written."""
+        return await self.request("PATCH", path("FineTuneJob", namespace, name, "status"), json={"status": status},
+                                  content_type="application/merge-patch+json")  # fmt: skip
 
     async def log_tail(self, namespace: str, pod: str, lines: int, container: Optional[str] = None) -> str:
         params = {"tailLines": str(lines)}

@@ -5,6 +5,7 @@ Pod phases are set through the API as a kubelet would; the operator must follow.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import urllib.request
@@ -188,6 +189,45 @@ def test_operator_restart_mid_job_creates_no_duplicates(operator, cluster, api, 
         assert status(kubectl)["restarts"] == 1
     finally:
         restarted.stop()
+
+
+def test_a_new_job_whose_children_partly_exist_gets_them_right(operator, cluster, api, kubectl):
+    # A new job's first run creates without reading first; what already exists (here a stale
+    # ConfigMap and the workers Service, as after a crash before the status patch) is kept or
+    # corrected, never duplicated.
+    api.request("POST", "/api/v1/namespaces/default/configmaps",
+                {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "qa-bot-config"}, "data": {"job.yaml": "stale"}})  # fmt: skip
+    api.request("POST", "/api/v1/namespaces/default/services",
+                {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "qa-bot-workers"}, "spec": {"clusterIP": "None"}})  # fmt: skip
+    start_job(api, kubectl, cluster)
+    wait_for(lambda: "learningRate: 0.0001" in cluster.objects("configmaps")["qa-bot-config"]["data"]["job.yaml"], what="ConfigMap corrected")
+    assert set(cluster.objects("services")) == {"qa-bot-workers"} and sorted(workers(cluster)) == list(WORKERS)
+    assert wait_for(phase_is(kubectl, "Pending"))["startTime"]
+
+
+def test_new_jobs_restarts_and_spec_changes_are_reconciled_without_waiting_for_the_timer(cluster, api, kubectl, operator_settings, monkeypatch):
+    # An hour between timer runs: within this test's waits only the immediate paths can act
+    # (the timer's first run when the operator sees a job, and the spec-change handler).
+    monkeypatch.setenv("KUBETUNE_API_SERVER", cluster.url)
+    operator = Operator(cluster, dataclasses.replace(operator_settings, reconcile_interval=3600)).start()
+    try:
+        start_job(api, kubectl, cluster)  # a new job gets its children
+        assert wait_for(phase_is(kubectl, "Pending"))["startTime"]
+        assert "Created" in event_reasons(cluster)
+
+        operator.stop()
+        api.delete("pods", "qa-bot-worker-1")  # lost while the operator was down
+        operator = Operator(cluster, operator.settings).start()
+        wait_for(lambda: sorted(workers(cluster)) == list(WORKERS), what="the lost worker recreated on operator start")
+
+        kubectl("patch", "ftj", "qa-bot", "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+        wait_for(phase_is(kubectl, "Suspended"), what="Suspended after a spec change")
+        wait_for(lambda: not workers(cluster), what="workers deleted")
+        kubectl("patch", "ftj", "qa-bot", "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+        wait_for(lambda: len(workers(cluster)) == 2, what="workers again after resuming")
+        assert {"Suspended", "Resumed"} <= set(event_reasons(cluster))
+    finally:
+        operator.stop()
 
 
 def test_training_done_merges_then_serves_and_exports_metrics(operator, cluster, api, kubectl, operator_settings):
