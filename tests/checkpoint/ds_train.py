@@ -1,6 +1,7 @@
 """A minimal DeepSpeed LoRA training loop around CheckpointManager, independent of
 kubetune.train, run under torchrun by the random-kill tests (tests/faults). It starts in a
-few seconds less than the trainer and saves every `--every` steps.
+few seconds less than the trainer and saves every `--every` steps (uploads in the background,
+the last checkpoint committed before it returns).
 
 Data and dropout come from the global torch RNG (seeded per rank), so an exact resume needs
 model, optimizer, scheduler *and* RNG restored. Rank 0 prints JSON lines on stdout; the
@@ -91,7 +92,9 @@ def main() -> int:
         emit(event="step", step=step, loss=loss.item())
         time.sleep(args.step_sleep)
         if step % args.every == 0 or step == args.steps:
-            emit(event="checkpoint", step=step, name=manager.save(engine, step, {"step": step}))
+            # Periodic checkpoints upload in the background while training goes on; the last
+            # one is committed before the run ends.
+            emit(event="checkpoint", step=step, name=manager.save(engine, step, {"step": step}, wait=step == args.steps))
 
     weights = full_state_dict(engine, engine.module)
     if rank == 0 and args.weights_out:

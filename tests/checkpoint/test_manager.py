@@ -182,3 +182,85 @@ def test_large_files_upload_in_parts(s3_env, tmp_path):
     head = store.client.head_object(Bucket="checkpoints", Key="multipart/step-000000001/big.pt")
     assert head["ContentLength"] == big.stat().st_size
     assert head["ETag"].strip('"').endswith("-3")  # a multipart ETag: 3 parts of 5 MiB
+
+
+class Recorded:
+    """A store that records its writes; put_file waits for `gate` (an upload that takes a while)
+    and raises `fail` for keys starting with `fail_prefix` (an upload that fails)."""
+
+    def __init__(self, inner, gate: threading.Event | None = None, fail_prefix: str | None = None):
+        self.inner, self.gate, self.fail_prefix, self.writes = inner, gate, fail_prefix, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def put_file(self, local, key):
+        if self.gate is not None:
+            self.gate.wait()
+        if self.fail_prefix and key.startswith(self.fail_prefix):
+            raise StorageError(f"injected failure uploading {key}")
+        self.inner.put_file(local, key)
+        self.writes.append(key)
+
+    def put_bytes(self, key, data, if_absent=False):
+        self.inner.put_bytes(key, data, if_absent)
+        self.writes.append(key)
+
+
+def test_training_goes_on_while_the_checkpoint_uploads(make_engine, train, snapshot, ckpt_uri, tmp_path):
+    engine = make_engine(stage=2)
+    train(engine, 1)
+    gate = threading.Event()
+    mgr = manager(ckpt_uri, tmp_path, store=Recorded(open_store(ckpt_uri), gate))
+
+    name = mgr.save(engine, 1, {"step": 1}, wait=False)
+    saved = snapshot(engine)
+    # Returned with the upload still held back: not committed, so not a checkpoint yet.
+    assert mgr.uploading and mgr.committed is None and mgr.latest() is None
+    train(engine, 2)  # the training changes the weights while the upload is in flight
+    gate.set()
+    assert mgr.wait() == name == mgr.committed == mgr.latest()
+    assert not mgr.uploading and mgr.committed_time
+
+    # What was committed is the state at save time, not the state trained since.
+    fresh = make_engine(stage=2, seed=9)
+    assert manager(ckpt_uri, tmp_path, node="node-b").load(fresh, name) == {"step": 1}
+    assert all(torch.equal(saved[k], v) for k, v in snapshot(fresh).items())
+
+
+def test_at_most_one_upload_in_flight(make_engine, train, tmp_path):
+    uri = f"file://{tmp_path}/ck"
+    engine = make_engine()
+    gate = threading.Event()
+    store = Recorded(open_store(uri), gate)
+    mgr = manager(uri, tmp_path, store=store)
+    mgr.save(engine, 1, {"step": 1}, wait=False)
+    train(engine, 1)
+
+    second = threading.Thread(target=mgr.save, args=(engine, 2, {"step": 2}), kwargs={"wait": False})
+    second.start()
+    second.join(timeout=3)
+    # The next save waits for the upload in flight before it writes anything.
+    assert second.is_alive() and not (tmp_path / "node-a" / "step-000000002").exists() and store.writes == []
+    gate.set()
+    second.join()
+    mgr.wait()
+    first_of_second = min(i for i, key in enumerate(store.writes) if key.startswith("step-000000002/"))
+    assert store.writes.index("step-000000001/manifest.json") < first_of_second
+    assert store.writes[-1] == "step-000000002/manifest.json"
+    assert mgr.checkpoints() == ["step-000000002", "step-000000001"]
+
+
+def test_a_failed_background_upload_is_raised_by_the_next_save(make_engine, train, tmp_path):
+    uri = f"file://{tmp_path}/ck"
+    engine = make_engine()
+    mgr = manager(uri, tmp_path, store=Recorded(open_store(uri), fail_prefix="step-000000002/"))
+    mgr.save(engine, 1, {"step": 1}, wait=False)
+    train(engine, 1)
+    assert mgr.save(engine, 2, {"step": 2}, wait=False) == "step-000000002"  # the failure comes later
+    train(engine, 1)
+    with pytest.raises(StorageError, match=r"^checkpoint step-000000002 was not committed: rank 0: .*injected failure"):
+        mgr.save(engine, 3, {"step": 3})
+    assert mgr.committed == "step-000000001" and mgr.checkpoints() == ["step-000000001"]
+    assert not (tmp_path / "node-a" / "step-000000003").exists()  # the failed save stopped the next one
+    mgr.wait()  # the error was handed over once

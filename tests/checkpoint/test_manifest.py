@@ -99,3 +99,14 @@ def test_files_split_evenly_by_bytes():
     assert sorted(p for paths in split.values() for p in paths) == sorted(files)
     assert split == {4: ["a", "d"], 5: ["b", "c", "e"]}  # 105 and 101 bytes
     assert assign_files(files, [3]) == {3: ["a", "b", "c", "d", "e"]}
+
+
+def test_rank_files_are_told_from_shared_ones():
+    from kubetune.checkpoint.manifest import file_rank
+
+    assert file_rank("zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3  # ZeRO 1-3 optimizer partition
+    assert file_rank("bf16_zero_pp_rank_12_mp_rank_00_optim_states.pt") == 12
+    assert file_rank("zero_pp_rank_1_mp_rank_00_model_states.pt") == 1  # ZeRO-3 parameter partition
+    assert file_rank("rng/rank-00002.pt") == 2
+    assert file_rank("mp_rank_00_model_states.pt") is None  # ZeRO 0-2: every rank reads it
+    assert file_rank("other/rng/rank-00002.pt") is None and file_rank("zero_to_fp32.py") is None

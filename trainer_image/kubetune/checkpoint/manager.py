@@ -2,10 +2,16 @@
 a manifest written last, verified before resume, rotated after each commit.
 
 Every rank of every node takes part in `save` and `load` (collectives). Each node writes the
-DeepSpeed files to its own local disk (`local_dir`); the files of a node are hashed and
-uploaded in parallel by that node's ranks; rank 0 writes `manifest.json` once all ranks
-reported success. On resume every node downloads the checkpoint into its own `local_dir`
-(files already there with the right checksum are kept), so a restart on fresh nodes works.
+DeepSpeed files to its own local disk (`local_dir`): that is all training waits for. Then, in a
+background thread per rank, the files of a node are hashed and uploaded in parallel by that
+node's ranks, and rank 0 writes `manifest.json` once all ranks reported success (the commit).
+At most one upload is in flight: the next `save` (or `wait()`) first joins it and raises its
+error. The background threads talk over their own gloo process group, so their collectives
+never interleave with the training's. A checkpoint counts only once its manifest is written.
+
+On resume every node downloads the files its own ranks need (the shared files plus its ranks'
+ZeRO partitions and RNG states) into its own `local_dir` (files already there with the right
+checksum are kept), so a restart on fresh nodes works.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +36,7 @@ from .manifest import (
     ManifestError,
     checkpoint_name,
     checkpoint_step,
+    file_rank,
     missing_or_wrong,
     parse_manifest,
     plan_rotation,
@@ -95,6 +103,11 @@ class CheckpointManager:
         self.loaded: Optional[str] = None  # the checkpoint the last load() restored
         self._bad: dict[str, str] = {}  # checkpoints that failed checksums in this process
         self._node_keys: Optional[list[tuple[str, str]]] = None
+        self._group = None  # the background threads' own process group (world size > 1)
+        self._upload: Optional[threading.Thread] = None  # the upload + commit in flight
+        self._upload_error: Optional[BaseException] = None
+        self.committed: Optional[str] = None  # the newest checkpoint this process committed
+        self.committed_time: Optional[str] = None  # ISO 8601 UTC of that commit
 
     # ------------------------------------------------------------------ collectives
 
@@ -107,21 +120,28 @@ class CheckpointManager:
             raise CheckpointError(f"world size is {self.world_size} but torch.distributed is not initialized")
         return dist
 
-    def _gather(self, obj: Any) -> list[Any]:
+    def _gather(self, obj: Any, group=None) -> list[Any]:
         dist = self._dist()
         if dist is None:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=group)
         return out
 
-    def _from_rank0(self, obj: Any) -> Any:
+    def _from_rank0(self, obj: Any, group=None) -> Any:
         dist = self._dist()
         if dist is None:
             return obj
         box = [obj if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         return box[0]
+
+    def _background_group(self):
+        """Collective on first use: the process group of the upload threads (gloo, any device)."""
+        dist = self._dist()
+        if dist is not None and self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
 
     def _barrier(self) -> None:
         dist = self._dist()
@@ -192,8 +212,15 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, engine, step: int, client_state: dict[str, Any]) -> str:
-        """Collective: write, upload and commit checkpoint step-STEP; rotate old ones."""
+    def save(self, engine, step: int, client_state: dict[str, Any], wait: bool = True) -> str:
+        """Collective: write checkpoint step-STEP to the local disk, then upload and commit it and
+        rotate old ones in the background. Every rank must pass the same `wait`.
+
+        Returns once the local files are written (wait=False) or once the checkpoint is
+        committed (wait=True). A previous upload still in flight is joined first (at most one
+        is in flight) and its error, if any, is raised here on every rank.
+        """
+        self.wait()
         started = time.monotonic()
         name = checkpoint_name(step)
         stage = self.local_dir / name
@@ -222,37 +249,67 @@ class CheckpointManager:
         node_files = {p: s for p, s in (listings[node[0]] or {}).items() if owners[p] == node[0]}
         mine = assign_files(node_files, node)[self.rank]
 
+        manifest = Manifest(name=name, step=step, world_size=self.world_size, zero_stage=int(engine.zero_optimization_stage()),
+                            files=[], client_state=dict(client_state), tag=name)  # fmt: skip
+        group = self._background_group()
+        self._upload_error = None
+        self._upload = threading.Thread(target=self._upload_and_commit, args=(manifest, stage, mine, node, group, started),
+                                        name=f"checkpoint-upload-{name}", daemon=True)  # fmt: skip
+        self._upload.start()
+        if wait:
+            self.wait()
+        return name
+
+    def wait(self) -> Optional[str]:
+        """Join the upload + commit in flight, if any, and raise its error. Returns the newest
+        checkpoint this process committed. Every rank must call it (the trainer does before it
+        exits, e.g. on SIGTERM, so the checkpoint it just saved is committed)."""
+        upload, self._upload = self._upload, None
+        if upload is not None:
+            upload.join()
+            error, self._upload_error = self._upload_error, None
+            if error is not None:
+                raise error
+        return self.committed
+
+    @property
+    def uploading(self) -> bool:
+        """Whether an upload + commit is in flight (started and not yet joined by wait())."""
+        return self._upload is not None and self._upload.is_alive()
+
+    def _upload_and_commit(self, manifest: Manifest, stage: Path, mine: list[str], node: list[int], group, started: float) -> None:
+        """Background thread of `save`: upload this rank's share, commit, rotate. Collectives run on
+        `group` only. Every rank ends with the same outcome (the errors are gathered first)."""
+        try:
+            self._commit(manifest, stage, mine, node, group, started)
+        except BaseException as err:  # noqa: BLE001 - handed to wait() in the training thread
+            self._upload_error = err
+
+    def _commit(self, manifest: Manifest, stage: Path, mine: list[str], node: list[int], group, started: float) -> None:
+        name = manifest.name
         entries, error = [], None
         try:
             with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
-                entries = list(pool.map(lambda p: self._upload(stage, name, p), mine))
+                entries = list(pool.map(lambda p: self._upload_file(stage, name, p), mine))
         except Exception as err:  # noqa: BLE001 - every rank must learn of it, see below
             error = f"rank {self.rank}: {err}"
-        results = self._gather((entries, error))
+        results = self._gather((entries, error), group)
         self._raise_if_any([e for _, e in results], f"checkpoint {name} was not committed")
 
         error = None
         if self.rank == 0:
-            manifest = Manifest(
-                name=name,
-                step=step,
-                world_size=self.world_size,
-                zero_stage=int(engine.zero_optimization_stage()),
-                files=[entry for got, _ in results for entry in got],
-                client_state=dict(client_state),
-                tag=name,
-                created=utc_now(),
-            )
+            manifest.files = [entry for got, _ in results for entry in got]
+            manifest.created = utc_now()
             error = self._guard(self._retry, f"committing {name}/{MANIFEST}", self.store.put_bytes, f"{name}/{MANIFEST}", manifest.to_json())
             if error is None:
-                log.info("committed checkpoint %s/%s (%d files, %.1f MB) in %.1f s", self.uri, name, len(manifest.files), manifest.total_bytes / 1e6, time.monotonic() - started)
+                log.info("committed checkpoint %s/%s (%d files, %.1f MB) %.1f s after the save started", self.uri, name, len(manifest.files), manifest.total_bytes / 1e6, time.monotonic() - started)
                 self._rotate()
-        self._raise_if_any([self._from_rank0(error)], f"checkpoint {name} was not committed")
+        self._raise_if_any([self._from_rank0(error, group)], f"checkpoint {name} was not committed")
+        self.committed, self.committed_time = name, utc_now()
         if self.rank == node[0]:
             self._drop_local_except(name)
-        return name
 
-    def _upload(self, stage: Path, name: str, path: str) -> FileEntry:
+    def _upload_file(self, stage: Path, name: str, path: str) -> FileEntry:
         local = stage / path
         entry = FileEntry(path, local.stat().st_size, sha256_file(local))
         self._retry(f"uploading {name}/{path}", self.store.put_file, local, f"{name}/{path}")
@@ -307,12 +364,13 @@ class CheckpointManager:
         If a file fails its checksum, the checkpoint is skipped (logged with the reason) and
         the next older complete one is loaded instead; `self.loaded` names the one restored.
         """
+        self.wait()
         older = lambda n: (checkpoint_step(n) or 0) < (checkpoint_step(name) or 0)  # noqa: E731
         candidates = self._from_rank0([name] + [n for n in self.checkpoints() if older(n)] if self.rank == 0 else None)
         for candidate in candidates:
             manifest = self._read_manifest(candidate)
             self._check_world_size(manifest)
-            results = self._gather(self._download(manifest))
+            results = self._gather(self._download(manifest, self._needs_every_rank(engine)))
             self._raise_if_any([storage for _, storage in results], f"checkpoint {candidate} could not be downloaded")
             corrupt = [reason for reason, _ in results if reason]
             if corrupt:
@@ -353,12 +411,22 @@ class CheckpointManager:
                 "point spec.checkpoint.uri at an empty location to start over with the new size."
             )
 
-    def _download(self, manifest: Manifest) -> tuple[Optional[str], Optional[str]]:
-        """Fetch this rank's share of the node's files. Returns (checksum problem, storage error)."""
+    def _needs_every_rank(self, engine) -> bool:
+        """Whether a rank reads other ranks' files on load: ZeRO elastic checkpoints merge every
+        partition, and with model or pipeline parallelism the file numbers are not global ranks."""
+        elastic = getattr(engine, "zero_elastic_checkpoint", lambda: False)()
+        return bool(elastic) or getattr(engine, "dp_world_size", self.world_size) != self.world_size
+
+    def _download(self, manifest: Manifest, every_rank: bool = False) -> tuple[Optional[str], Optional[str]]:
+        """Fetch this rank's share of the files its node needs: the shared ones and the ones of the
+        node's ranks (ZeRO partitions, RNG), or all with `every_rank`. Returns (checksum problem,
+        storage error)."""
         stage = self.local_dir / manifest.name
-        sizes = {f.path: f.size for f in manifest.files}
-        expected = {f.path: f.sha256 for f in manifest.files}
-        mine = assign_files(sizes, self._node_ranks())[self.rank]
+        node = self._node_ranks()
+        needed = [f for f in manifest.files if every_rank or file_rank(f.path) in (None, *node)]
+        sizes = {f.path: f.size for f in needed}
+        expected = {f.path: f.sha256 for f in needed}
+        mine = assign_files(sizes, node)[self.rank]
 
         def fetch_one(path: str) -> Optional[str]:
             local = stage / path

@@ -101,6 +101,24 @@ def parse_manifest(raw: bytes | str, name: str) -> Manifest:
     return manifest
 
 
+# Files that hold one rank's state (DeepSpeed names them by data-parallel rank; the RNG files
+# are the manager's own); every other file of a checkpoint is read by all ranks.
+_RANK_FILES = (
+    re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states\.pt$"),
+    re.compile(r"^rng/rank-(\d+)\.pt$"),
+)
+
+
+def file_rank(path: str) -> Optional[int]:
+    """The rank whose state a checkpoint file holds (its ZeRO partition or RNG state), or None
+    for a file every rank reads (e.g. mp_rank_00_model_states.pt under ZeRO 0-2)."""
+    for pattern in _RANK_FILES:
+        match = pattern.search(path)
+        if match:
+            return int(match.group(1))
+    return None
+
+
 def missing_or_wrong(manifest: Manifest, listing: dict[str, int]) -> Optional[str]:
     """Why the stored files (relative path -> size) do not match the manifest, or None."""
     for entry in manifest.files:
