@@ -108,6 +108,7 @@ class CheckpointManager:
         self._upload_error: Optional[BaseException] = None
         self.committed: Optional[str] = None  # the newest checkpoint this process committed
         self.committed_time: Optional[str] = None  # ISO 8601 UTC of that commit
+        self.commit_seconds: Optional[float] = None  # from the start of its save to its commit
 
     # ------------------------------------------------------------------ collectives
 
@@ -305,7 +306,7 @@ class CheckpointManager:
                 log.info("committed checkpoint %s/%s (%d files, %.1f MB) %.1f s after the save started", self.uri, name, len(manifest.files), manifest.total_bytes / 1e6, time.monotonic() - started)
                 self._rotate()
         self._raise_if_any([self._from_rank0(error, group)], f"checkpoint {name} was not committed")
-        self.committed, self.committed_time = name, utc_now()
+        self.committed, self.committed_time, self.commit_seconds = name, utc_now(), time.monotonic() - started
         if self.rank == node[0]:
             self._drop_local_except(name)
 
