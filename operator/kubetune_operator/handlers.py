@@ -13,11 +13,11 @@ API calls per run are kept to what the decision needs: the status the operator l
 is kept in memory (it is the only writer of status, so that copy is never older than the
 watched body), a job that never started creates its children without listing or reading
 first (409 = already there), the serving Deployment is read only in the phases that have
-one, and each Secret is read once per run. kopf's diff base is kept in memory
-(`MemoryDiffBaseStorage`): no annotation patch per job and per spec change; after a restart
-every job is reconciled from its live state anyway. A new job thus costs, besides its own
-creation and its children's: kopf's finalizer patch, one Secret read, one status patch and
-one Event.
+one, and a Secret read serves every job naming it for a few seconds (`SecretCache`). kopf's
+diff base is kept in memory (`MemoryDiffBaseStorage`): no annotation patch per job and per
+spec change; after a restart every job is reconciled from its live state anyway. A new job thus costs, besides its own
+creation and its children's: kopf's finalizer patch, one status patch and one Event (and a
+Secret read, shared by the jobs that name that Secret).
 
 Storage credentials: to read progress.json the operator fetches the job's
 `spec.storage.credentialsSecret` through the API at read time and passes the keys to a
@@ -66,6 +66,33 @@ STATUS_KEYS_OWNED_BY_KOPF = ("kopf",)
 # Phases in which a serving Deployment can exist (or is about to be created).
 SERVING_PHASES = ("Merging", "Serving", "Succeeded")
 S3_CLIENT_CACHE_LIMIT = 256
+# A Secret read serves every run (of any job naming it) for this long, at most one interval.
+SECRET_TTL_SECONDS = 5.0
+
+
+class SecretCache:
+    """Secrets read through the API, each kept for `ttl` seconds (in memory only, like the keys
+    handed to boto3): many jobs naming one credentials Secret cost one read per `ttl`, not one
+    per job and run (runs that ask while a read is under way share it). A Secret created or
+    deleted is seen at most `ttl` later; a failed read is not kept."""
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self.entries: dict[tuple[str, str], tuple[float, asyncio.Future]] = {}
+
+    async def get(self, api: Kube, namespace: str, name: str) -> Optional[dict]:
+        key, now = (namespace, name), time.monotonic()
+        entry = self.entries.get(key)
+        if entry is None or now - entry[0] >= self.ttl:
+            for old in [k for k, (at, _) in self.entries.items() if now - at >= self.ttl]:
+                del self.entries[old]
+            entry = self.entries[key] = (now, asyncio.ensure_future(api.get("Secret", namespace, name)))
+        try:
+            return await asyncio.shield(entry[1])
+        except Exception:
+            if self.entries.get(key) is entry:
+                del self.entries[key]
+            raise
 
 
 class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
@@ -195,7 +222,7 @@ class Reconciler:
 
     def __init__(self, api: Kube, body: kopf.Body, settings: Settings, logger: logging.Logger | logging.LoggerAdapter,
                  storage_failures: Optional[dict] = None, plans: Optional[dict] = None,
-                 previous: Optional[dict] = None, s3_clients: Optional[dict] = None):  # fmt: skip
+                 previous: Optional[dict] = None, s3_clients: Optional[dict] = None, secrets: Optional[SecretCache] = None):  # fmt: skip
         self.api = api
         self.plans = plans if plans is not None else {}
         # (namespace, name) -> monotonic time of the last failed progress read (shared across cycles).
@@ -217,7 +244,8 @@ class Reconciler:
         self.config_map: Optional[dict] = None
         self.config_map_read = False
         self.deployment: Optional[dict] = None
-        self.secrets: dict[str, Optional[dict]] = {}  # read once per run
+        self.secrets = secrets if secrets is not None else SecretCache(ttl=0.0)
+        self.secrets_read: dict[str, Optional[dict]] = {}  # one answer per Secret within a run
 
     async def run(self) -> Decision:
         job, problems = parse_body(self.body)
@@ -263,9 +291,9 @@ class Reconciler:
         return problems
 
     async def secret(self, name: str) -> Optional[dict]:
-        if name not in self.secrets:
-            self.secrets[name] = await self.api.get("Secret", self.namespace, name)
-        return self.secrets[name]
+        if name not in self.secrets_read:
+            self.secrets_read[name] = await self.secrets.get(self.api, self.namespace, name)
+        return self.secrets_read[name]
 
     async def storage_keys(self, job: FineTuneJob) -> dict[str, str]:
         return await storage_keys(self.api, job, self.secret)
@@ -326,6 +354,10 @@ class Reconciler:
             return None
 
     def wants_progress(self) -> bool:
+        if not self.started:
+            # No worker of this job ran yet: its first run creates them without waiting for
+            # storage (a progress.json left by an earlier job of the same name shows one run later).
+            return False
         phase = self.previous.get("phase")
         if phase in (None, "Pending", "Running", "Restarting", "Merging"):
             return True
@@ -386,6 +418,8 @@ class Reconciler:
                 await api.delete("Service", ns, builders.serve_name(self.name))
 
     async def ensure_config_map(self, job: FineTuneJob, started: bool) -> None:
+        if started and self.config_map is not None:
+            return  # the workers' copy of the spec never changes once they started
         wanted = builders.build_config_map(job)
         if self.config_map is None:
             # Not read (a job that never started) or read as absent: create; on 409 read what is there.
@@ -506,7 +540,7 @@ async def reconcile_locked(body: kopf.Body, logger: logging.Logger, memo: kopf.M
     started = time.monotonic()
     try:
         reconciler = Reconciler(api, body, memo["settings"], logger, memo["storage_failures"], memo["plans"],
-                                previous=last_written_status(memo, body), s3_clients=memo["s3_clients"])  # fmt: skip
+                                previous=last_written_status(memo, body), s3_clients=memo["s3_clients"], secrets=memo["secrets"])  # fmt: skip
         decision = await reconciler.run()
         patch = status_patch(reconciler.previous, decision.status)
         if patch:
@@ -591,4 +625,5 @@ def build_registry(settings: Settings) -> kopf.OperatorRegistry:
 
 def new_memo(settings: Settings) -> kopf.Memo:
     return kopf.Memo(settings=settings, kube=None, storage_failures={}, plans={}, locks={}, statuses={}, s3_clients={},
+                     secrets=SecretCache(ttl=min(SECRET_TTL_SECONDS, settings.reconcile_interval)),
                      diffbase=MemoryDiffBaseStorage())  # fmt: skip
