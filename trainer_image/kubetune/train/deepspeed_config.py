@@ -9,12 +9,22 @@ decay). With offload on GPUs, DeepSpeed builds its CPU Adam from the "optimizer"
 here (a torch optimizer steps host-memory parameters several times slower). On machines
 without a GPU the torch AdamW is kept (`zero_force_ds_cpu_optimizer: false`): everything is
 in host memory anyway, and DeepSpeed's CPU Adam would first need a C++ compile.
+
+ZeRO buffers are sized from the model's hidden size h, as Hugging Face's "auto" values are
+(reduce bucket h^2, ZeRO-3 prefetch bucket 0.9 h^2, persistence threshold 10 h), instead of
+DeepSpeed's defaults, which are sized for billion-parameter models (a 5e8-element reduce
+bucket, up to 1e9 parameters kept gathered): with those, a ZeRO-3 rank of any model under a
+billion parameters ends up holding every parameter gathered between forward and backward,
+plus a gradient buffer the size of its whole partition, and needs more memory than plain
+data parallelism. The number of parameters kept gathered (`stage3_max_live_parameters`,
+`stage3_max_reuse_distance`) and the optimizer sub-group (`sub_group_size`, which bounds
+ZeRO-3's fp32 gradient buffer) are one decoder layer's worth, about 12 h^2.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Optional
 
 from ..spec import FineTuneJobSpec
 
@@ -32,13 +42,44 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def build_deepspeed_config(spec: FineTuneJobSpec, world_size: int, precision: str, on_gpu: bool) -> dict[str, Any]:
-    """DeepSpeed config for `spec` with `world_size` processes; precision is fp32|fp16|bf16 (resolved)."""
+def zero_buffer_sizes(stage: int, hidden_size: Optional[int]) -> dict[str, int]:
+    """ZeRO bucket and gathering limits (elements) derived from the model's hidden size (see
+    the module docstring); empty without a hidden size (DeepSpeed's defaults then apply)."""
+    if not hidden_size or stage < 2:
+        return {}
+    sizes = {"reduce_bucket_size": hidden_size * hidden_size}
+    if stage == 3:
+        layer = 12 * hidden_size * hidden_size
+        sizes.update(
+            stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
+            stage3_param_persistence_threshold=10 * hidden_size,
+            stage3_max_live_parameters=layer,
+            stage3_max_reuse_distance=layer,
+            sub_group_size=layer,
+        )
+    return sizes
+
+
+def model_hidden_size(model_config: dict[str, Any]) -> Optional[int]:
+    """hidden_size of a model's config.json (or of its text_config, or the largest of
+    hidden_sizes), like Hugging Face's "auto" DeepSpeed values; None if it has none."""
+    for config in (model_config, model_config.get("text_config") or {}):
+        if isinstance(config.get("hidden_size"), int):
+            return config["hidden_size"]
+        if config.get("hidden_sizes"):
+            return max(config["hidden_sizes"])
+    return None
+
+
+def build_deepspeed_config(spec: FineTuneJobSpec, world_size: int, precision: str, on_gpu: bool, hidden_size: Optional[int] = None) -> dict[str, Any]:
+    """DeepSpeed config for `spec` with `world_size` processes; precision is fp32|fp16|bf16 (resolved);
+    hidden_size (the model's) sizes the ZeRO buffers. spec.distributed.deepspeedConfig wins over all of it."""
     training, zero = spec.training, spec.distributed.zero
     offload_optimizer = zero.offload in ("optimizer", "all")
     zero_section: dict[str, Any] = {"stage": zero.stage}
     if zero.stage >= 2:
         zero_section.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_scatter=True)
+    zero_section.update(zero_buffer_sizes(zero.stage, hidden_size))
     if offload_optimizer:
         zero_section["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if zero.offload == "all":

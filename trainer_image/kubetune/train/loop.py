@@ -24,10 +24,10 @@ from ..data.loader import DataError, load_datasets
 from ..data.tokenize import LengthLimits, tokenize_examples
 from ..layout import JobLayout, job_layout
 from ..model_source import default_cache_dir, materialize_model
-from ..progress import Progress, utc_now
+from ..progress import Progress
 from ..spec import FineTuneJob
 from ..storage import fetch, open_store
-from .deepspeed_config import ADAM_BETAS, ADAM_EPS, build_deepspeed_config, uses_client_optimizer
+from .deepspeed_config import ADAM_BETAS, ADAM_EPS, build_deepspeed_config, model_hidden_size, uses_client_optimizer
 from .events import emit
 from .metrics import TrainMetrics
 from .schedule import scheduler_factory
@@ -177,6 +177,14 @@ def _zero3_loading(ds_config: dict):
     return HfDeepSpeedConfig(ds_config)
 
 
+def _hidden_size(model_dir: Path) -> Optional[int]:
+    """The model's hidden size (config.json), which sizes the ZeRO buffers; None if unknown."""
+    try:
+        return model_hidden_size(json.loads((Path(model_dir) / "config.json").read_text()))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _materialize_once_per_node(dist_info, model_spec, cache_dir, base_dir, endpoint):
     """Local rank 0 fills the node's model cache (download, GGUF conversion) while the other
     ranks wait; they then find it complete. Converting on several ranks at once raced."""
@@ -280,10 +288,11 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
 
     # 3. Weights and method.
     precision = resolve_precision(t.precision)
-    ds_config = build_deepspeed_config(spec, world, precision, on_gpu=device.type == "cuda")
+    ds_config = build_deepspeed_config(spec, world, precision, on_gpu=device.type == "cuda", hidden_size=_hidden_size(model_dir))
     torch.manual_seed(t.seed)
-    # Under ZeRO-3, HfDeepSpeedConfig makes from_pretrained build the model already partitioned
-    # (deepspeed.zero.Init), so no rank ever holds the whole model. Keep it alive until initialize.
+    # Under ZeRO-3, HfDeepSpeedConfig makes transformers build the model already partitioned
+    # (deepspeed.zero.Init) and load_model streams the weights in one module at a time, so no
+    # rank ever holds the whole model. Keep it alive until initialize.
     zero3_loading = _zero3_loading(ds_config)
     model = load_model(model_dir, spec, precision, quantization_config(spec))
     adapter_dir = None
@@ -341,17 +350,20 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
             emit("resume", **{"from": manager.loaded, "step": state.step})
     status.update(phase="training", step=state.step, total_steps=steps)
 
-    def save(final: bool = False) -> str:
+    def save(final: bool = False, wait: bool = True) -> str:
+        """wait=False: return once the local files are written; the upload and commit run in the
+        background (the next save, or a save with wait=True, joins them first)."""
         status.update(phase="saving")
         started = time.monotonic()
-        name = manager.save(engine, state.step, asdict(state))
+        name = manager.save(engine, state.step, asdict(state), wait=wait)
         seconds = time.monotonic() - started
         if dist_info.main:
             metrics.observe_checkpoint(seconds, time.time())
             emit("checkpoint", step=state.step, name=name, seconds=round(seconds, 3))
             status.flush_metrics()
-        status.update(phase="saving" if final else "training", last_checkpoint=name,
-                      last_checkpoint_uri=str(layout.checkpoints.join(name)), last_checkpoint_time=utc_now())
+        committed = manager.committed  # with wait=False, the previous one (progress.json names committed ones only)
+        status.update(phase="saving" if final else "training", last_checkpoint=committed,
+                      last_checkpoint_uri=committed and str(layout.checkpoints.join(committed)), last_checkpoint_time=manager.committed_time)
         return name
 
     def evaluate() -> None:
@@ -423,7 +435,7 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
                 metrics.close()
                 return exitcodes.PREEMPTED
             if state.step % spec.checkpoint.every_steps == 0 and state.step < steps:
-                save()
+                save(wait=False)
         if state.micro_batch >= len(batches):
             if not t.eval.every_steps:
                 evaluate()
