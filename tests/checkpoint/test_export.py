@@ -3,15 +3,19 @@ file:// and to a real SeaweedFS bucket. (ZeRO-3 with 2 ranks: test_resume.py.)""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
 import torch
 
-from kubetune.export import _check_not_empty, copy_non_weight_files, merge_adapter, save_trained
+from kubetune.export import EXPORT_MANIFEST, IncompleteExport, _check_not_empty, check_export, copy_non_weight_files, merge_adapter, publish_dir, run_merge, save_trained
 from kubetune.layout import job_layout
 from kubetune.spec import parse_job
-from kubetune.storage import open_store
+from kubetune.storage import fetch, open_store, sha256_file
 
 
 def make_job(tiny_model_dir, method: str, output: str):
@@ -147,3 +151,86 @@ def test_prompt_learning_adapters_export_gathered_under_zero3(make_engine, train
     with deepspeed.zero.GatheredParameters(list(trainable.values())):
         for name, param in trainable.items():
             assert torch.equal(dict(loaded.named_parameters())[name], param.detach()), name
+
+
+# Publishes a folder, but the process is SIGKILLed right after its first file is uploaded.
+DIE_PUBLISHING = """
+import os, signal, sys
+from kubetune import storage
+from kubetune.export import publish_dir
+from kubetune.uri import parse_uri
+
+def put_then_die(self, local, key, _put=storage.S3Store.put_file):
+    _put(self, local, key)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+storage.S3Store.put_file = put_then_die
+publish_dir(sys.argv[1], parse_uri(sys.argv[2]))
+"""
+
+
+def test_export_manifest_is_written_last_and_checked_by_readers(make_engine, train, tiny_model_dir, s3_env, tmp_path):
+    from transformers import AutoTokenizer
+
+    output = f"s3://outputs/{uuid.uuid4().hex[:8]}"
+    engine = make_engine(stage=2, lora=True)
+    train(engine, 1)
+    job = make_job(tiny_model_dir, "lora", output)
+    save_trained(engine, engine.module, AutoTokenizer.from_pretrained(tiny_model_dir), job, job_layout(job), tiny_model_dir)
+
+    copy = fetch(f"{output}/adapter", tmp_path / "first")
+    manifest = json.loads((copy / EXPORT_MANIFEST).read_text())
+    assert manifest["complete"] is True and manifest["format"] == 1
+    listed = {f["path"]: f for f in manifest["files"]}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(listed) and EXPORT_MANIFEST not in listed
+    assert all(listed[p]["sha256"] == sha256_file(copy / p) and listed[p]["size"] == (copy / p).stat().st_size for p in listed)
+    assert check_export(copy) is True
+    assert check_export(tiny_model_dir) is False  # not an export (a base model): used as it is
+
+    # A file changed after the export no longer matches its manifest.
+    weights = copy / "adapter_model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(IncompleteExport, match="adapter_model.safetensors does not match its SHA-256"):
+        check_export(copy)
+
+
+def test_a_reexport_killed_halfway_is_never_used_as_complete(make_engine, train, tiny_model_dir, s3_env, tmp_path):
+    from transformers import AutoTokenizer
+
+    output = f"s3://outputs/{uuid.uuid4().hex[:8]}"
+    engine = make_engine(stage=2, lora=True)
+    train(engine, 1)
+    job = parse_job({"metadata": {"name": "export"}, "spec": {"model": {"uri": str(tiny_model_dir)}, "dataset": {"uri": "d.jsonl"},
+                     "method": {"type": "lora"}, "output": {"uri": output, "merge": True}}})  # fmt: skip
+    layout = job_layout(job)
+    save_trained(engine, engine.module, AutoTokenizer.from_pretrained(tiny_model_dir), job, layout, tiny_model_dir)
+    old = fetch(layout.adapter, tmp_path / "old")
+
+    # A second export of the same adapter (same names and sizes, other weights) dies after
+    # uploading its first file: old and new files are now mixed in storage.
+    new = tmp_path / "new"
+    new.mkdir()
+    for path in old.iterdir():
+        if path.name != EXPORT_MANIFEST:
+            data = bytearray(path.read_bytes())
+            if path.name == "adapter_model.safetensors":
+                data[-4:] = b"\x00\x00\x80\x3f"  # the last float becomes 1.0: same size
+            (new / path.name).write_bytes(bytes(data))
+    died = subprocess.run([sys.executable, "-c", DIE_PUBLISHING, str(new), str(layout.adapter)], env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    assert died.returncode == -9, died.stderr[-2000:]
+
+    half = fetch(layout.adapter, tmp_path / "half")
+    with pytest.raises(IncompleteExport, match="is an unfinished export"):
+        check_export(half, str(layout.adapter))
+    with pytest.raises(IncompleteExport, match="is an unfinished export"):
+        run_merge(job, cache_dir=tmp_path / "cache")  # the merge step refuses it
+    assert not open_store(layout.model).list()  # nothing merged, nothing served from it
+
+    # Exporting again completes it, with the new files only.
+    publish_dir(new, layout.adapter)
+    again = fetch(layout.adapter, tmp_path / "again")
+    assert check_export(again) is True
+    assert (again / "adapter_model.safetensors").read_bytes() == (new / "adapter_model.safetensors").read_bytes()
+    assert run_merge(job, cache_dir=tmp_path / "cache")["model"] == str(layout.model)

@@ -59,7 +59,7 @@ class Manifest:
 
     def to_json(self) -> bytes:
         data = asdict(self)
-        data["files"] = [asdict(f) for f in sorted(self.files, key=lambda f: f.path)]
+        data["files"] = files_to_json(self.files)
         try:
             return json.dumps(data, indent=1, sort_keys=True, allow_nan=False).encode()
         except (TypeError, ValueError) as err:
@@ -68,6 +68,16 @@ class Manifest:
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+
+def files_to_json(files: list[FileEntry]) -> list[dict[str, Any]]:
+    """The `files` list of a manifest (checkpoints and exports), sorted by path."""
+    return [asdict(f) for f in sorted(files, key=lambda f: f.path)]
+
+
+def files_from_json(files: Any) -> list[FileEntry]:
+    """Inverse of files_to_json; raises KeyError/TypeError/ValueError on a malformed entry."""
+    return [FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in files]
 
 
 def parse_manifest(raw: bytes | str, name: str) -> Manifest:
@@ -81,7 +91,7 @@ def parse_manifest(raw: bytes | str, name: str) -> Manifest:
     if data.get("format") != FORMAT_VERSION:
         raise ManifestError(f"manifest.json has format {data.get('format')!r}, this trainer reads format {FORMAT_VERSION}")
     try:
-        files = [FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in data["files"]]
+        files = files_from_json(data["files"])
         manifest = Manifest(
             name=str(data["name"]),
             step=int(data["step"]),
@@ -119,9 +129,10 @@ def file_rank(path: str) -> Optional[int]:
     return None
 
 
-def missing_or_wrong(manifest: Manifest, listing: dict[str, int]) -> Optional[str]:
-    """Why the stored files (relative path -> size) do not match the manifest, or None."""
-    for entry in manifest.files:
+def missing_or_wrong(manifest: Manifest | list[FileEntry], listing: dict[str, int]) -> Optional[str]:
+    """Why the stored files (relative path -> size) do not match the manifest (or a list of
+    its file entries), or None."""
+    for entry in manifest.files if isinstance(manifest, Manifest) else manifest:
         size = listing.get(entry.path)
         if size is None:
             return f"{entry.path} is listed in manifest.json but missing from storage"
