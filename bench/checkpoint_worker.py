@@ -6,7 +6,9 @@ default): train a few steps, then save and load the same engine state twice,
   then SHA-256, parallel uploads and the manifest commit run in a background thread while the
   worker keeps training (the step times during the upload are recorded). Measured: the time
   training was blocked, and the time from the start of the save until the manifest was
-  committed (durable). `load` into a fresh local folder (download, verify, restore);
+  committed (durable). Then `save(wait=True)` (as at preemption and at the end of training):
+  save + commit with nothing else running. `load` into a fresh local folder (download,
+  verify, restore);
 - naive: `torch.save` of the model and optimizer state dicts and one sequential `put_object`
   per file; load with one `get_object` per file, `torch.load` and `load_state_dict`.
 
@@ -128,6 +130,11 @@ def main() -> None:
     manager.wait()
     kubetune_commit = manager.commit_seconds
     kubetune_bytes = sum(o.size for o in open_store(kubetune_uri).list(name + "/"))
+    # The same save waited for (as at preemption or the end of training): save + commit with
+    # nothing else running, the conditions of the naive save.
+    started = time.monotonic()
+    manager.save(engine, STEPS + len(during_upload), {"step": STEPS + len(during_upload)}, wait=True)
+    kubetune_sync = time.monotonic() - started
 
     naive_uri = parse_uri(args.uri).join("naive")
     client = s3_client()
@@ -146,6 +153,7 @@ def main() -> None:
             {
                 "step_seconds": sorted(step_times[1:] + after)[len(step_times[1:] + after) // 2],
                 "step_seconds_all": step_times + after,
+                "kubetune_sync_save_seconds": kubetune_sync,
                 "kubetune_blocked_seconds": kubetune_blocked,
                 "kubetune_commit_seconds": kubetune_commit,
                 "step_seconds_during_upload": during_upload,
