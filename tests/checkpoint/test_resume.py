@@ -4,8 +4,9 @@ adapter of an uninterrupted run (bit-identical: torch.equal on every tensor), an
 model must give the PEFT model's logits.
 
 One chain of runs shows each promise once:
-  run 1  rank 1 is SIGKILLed in the middle of uploading checkpoint step 4 (torchrun takes the
-         other rank down): step-000000004 is left half-written, without manifest;
+  run 1  rank 1 is SIGKILLed in the middle of uploading checkpoint step 4 (in the background,
+         while training goes on; torchrun takes the other rank down): step-000000004 is left
+         half-written, without manifest;
   run 2  resumes from step 2, skipping the half checkpoint with a log line saying why; gets
          SIGTERM once step 5 is reported: all ranks finish the step they are in (5, or a
          later one if they were already past the agreement point), commit it, exit 75;
@@ -125,7 +126,8 @@ def steps(events: list[dict]) -> list[int]:
 def test_crash_during_upload_leaves_a_half_checkpoint_that_resume_skips(runs):
     events, stderr, code = runs["crashed"]
     assert code != 0 and "Signal 9 (SIGKILL)" in stderr
-    assert [e["name"] for e in events if e["event"] == "checkpoint"] == ["step-000000002"]
+    # The checkpoint event comes once the local files are written; step 4 then died uploading.
+    assert [e["name"] for e in events if e["event"] == "checkpoint"] in (["step-000000002"], ["step-000000002", "step-000000004"])
     assert runs["half"] and "step-000000004/manifest.json" not in runs["half"]
 
     events, stderr, _ = runs["preempted"]

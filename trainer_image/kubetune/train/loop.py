@@ -24,7 +24,7 @@ from ..data.loader import DataError, load_datasets
 from ..data.tokenize import LengthLimits, tokenize_examples
 from ..layout import JobLayout, job_layout
 from ..model_source import default_cache_dir, materialize_model
-from ..progress import Progress, utc_now
+from ..progress import Progress
 from ..spec import FineTuneJob
 from ..storage import fetch, open_store
 from .deepspeed_config import ADAM_BETAS, ADAM_EPS, build_deepspeed_config, model_hidden_size, uses_client_optimizer
@@ -350,17 +350,20 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
             emit("resume", **{"from": manager.loaded, "step": state.step})
     status.update(phase="training", step=state.step, total_steps=steps)
 
-    def save(final: bool = False) -> str:
+    def save(final: bool = False, wait: bool = True) -> str:
+        """wait=False: return once the local files are written; the upload and commit run in the
+        background (the next save, or a save with wait=True, joins them first)."""
         status.update(phase="saving")
         started = time.monotonic()
-        name = manager.save(engine, state.step, asdict(state))
+        name = manager.save(engine, state.step, asdict(state), wait=wait)
         seconds = time.monotonic() - started
         if dist_info.main:
             metrics.observe_checkpoint(seconds, time.time())
             emit("checkpoint", step=state.step, name=name, seconds=round(seconds, 3))
             status.flush_metrics()
-        status.update(phase="saving" if final else "training", last_checkpoint=name,
-                      last_checkpoint_uri=str(layout.checkpoints.join(name)), last_checkpoint_time=utc_now())
+        committed = manager.committed  # with wait=False, the previous one (progress.json names committed ones only)
+        status.update(phase="saving" if final else "training", last_checkpoint=committed,
+                      last_checkpoint_uri=committed and str(layout.checkpoints.join(committed)), last_checkpoint_time=manager.committed_time)
         return name
 
     def evaluate() -> None:
@@ -432,7 +435,7 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
                 metrics.close()
                 return exitcodes.PREEMPTED
             if state.step % spec.checkpoint.every_steps == 0 and state.step < steps:
-                save()
+                save(wait=False)
         if state.micro_batch >= len(batches):
             if not t.eval.every_steps:
                 evaluate()
