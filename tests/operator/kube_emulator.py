@@ -11,7 +11,8 @@ kmock (by kopf's author) is an in-memory API server. Closed here (see shared/TOO
   view, and answers that by scanning every request ever served: each request cost grew with
   the server's history (1000 creates took minutes). For views that are chains of filters
   and priorities over the root (all of this emulator's), the same answer is computed from
-  the request alone (`_sees`); other views keep kmock's own scan.
+  the request alone (`_sees`); other views keep kmock's own scan. Likewise a request for one
+  named object finds it by key instead of by scanning every object.
 
 `Cluster` runs it on 127.0.0.1 in a background thread so synchronous tests, kubectl and an
 in-process operator (in its own thread) can all talk to it.
@@ -118,9 +119,17 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if request.resource is not None and request.subresource != "log":
             self._stamp(request)
         response = await super()._handle(request)
-        if self.gc_enabled and request.action in (enums.action.DELETE, enums.action.UPDATE):
+        # An owner goes with a DELETE, or with the UPDATE that removes its last finalizer.
+        if self.gc_enabled and (request.action == enums.action.DELETE or (request.action == enums.action.UPDATE and self._current(request) is None)):
             await self._collect_garbage()
         return response
+
+    def _KubernetesEmulator__get_objs(self, request: kmock.Request, strict: bool) -> list:
+        """kmock's lookup of the objects a request names, by key when it names one object."""
+        if request.resource is not None and request.namespace is not None and request.name is not None:
+            key = (request.resource, request.namespace, request.name)
+            return [self._objects[key]] if key in self._objects else []
+        return super()._KubernetesEmulator__get_objs(request, strict)
 
     def _stamp(self, request: kmock.Request) -> None:
         data = request.data
