@@ -34,6 +34,10 @@ RANK_PEAK = BENCH_DIR / "rank_peak.py"
 THROUGHPUT_SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
 # ~85M parameters: model states (16 bytes per parameter with Adam in fp32) dominate the framework.
 MEMORY_SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512)
+# ~155M parameters for the ZeRO memory benchmark: DDP's model states (16 bytes per parameter,
+# fp32 Adam) are ~2.3 GiB per rank, several times the ~0.4 GiB process baseline, and two DDP
+# ranks stay under 8 GiB together.
+ZERO_MEMORY_SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512)
 QUICK_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
 
 

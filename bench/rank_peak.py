@@ -5,8 +5,11 @@ Used as the program torchrun (or python) starts, in front of the real one:
     torchrun --nproc_per_node 2 bench/rank_peak.py kubetune.train.main --job job.yaml
 
 Each rank writes KUBETUNE_BENCH_PEAK_DIR/rank-<RANK>.json with its peak resident set size
-(getrusage, exact, not sampled) and, where CUDA was used, torch's peak allocated/reserved
-GPU memory. The measured program runs unchanged; nothing here imports torch.
+(getrusage, exact, not sampled), its baseline (the RSS when the trainer starts loading the
+model: after the imports, the process group, the data and the tokenizer, before any weight
+exists) and the RSS once the model is loaded, and, where CUDA was used, torch's peak
+allocated/reserved GPU memory. The measured program runs unchanged; nothing here imports
+torch (the trainer's load_model is only wrapped to read the RSS around it).
 """
 
 from __future__ import annotations
@@ -20,8 +23,33 @@ import sys
 from pathlib import Path
 
 
+_PHASES: dict[str, int] = {}
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _watch_model_loading() -> None:
+    """Record the RSS when kubetune's load_model is entered (baseline) and when it returns."""
+    try:
+        from kubetune.model import loader
+    except ImportError:
+        return
+    load_model = loader.load_model
+
+    def measured_load_model(*args, **kwargs):
+        _PHASES.setdefault("baseline_rss_bytes", current_rss())
+        model = load_model(*args, **kwargs)
+        _PHASES.setdefault("loaded_rss_bytes", current_rss())
+        return model
+
+    loader.load_model = measured_load_model
+
+
 def peak_memory() -> dict:
-    peak = {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux reports KiB
+    peak = {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **_PHASES}  # Linux reports KiB
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
@@ -44,6 +72,8 @@ def main() -> None:
     module = sys.argv[1]
     sys.argv = [module] + sys.argv[2:]
     atexit.register(_record)
+    if module == "kubetune.train.main":
+        _watch_model_loading()
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

@@ -2,13 +2,19 @@
 ZeRO-3 and ZeRO-3 with offload, 2 ranks under torchrun on CPU, beside the memory planner's
 estimate for the same job.
 
-The model (~85M parameters, full fine-tuning, fp32 Adam: 16 bytes per parameter of model
-states under DDP) is large enough that model states, not the framework, dominate a rank.
-Measured per rank: the exact peak RSS over the process's life (getrusage in the rank, which
-includes loading the model and the final export) and the sampled peak RSS during training
-(`start` event to the last `step` event). On CPU a rank's "device" and host memory are the
-same RSS, so the planner's per-rank figure is its per-GPU estimate without the CUDA context,
-plus one host process and that rank's offloaded states.
+The model (~155M parameters, full fine-tuning, fp32 Adam: 16 bytes per parameter of model
+states under DDP, ~2.3 GiB per rank) is large enough that model states, not the framework,
+dominate a rank. Measured per rank (bench/rank_peak.py):
+- the exact peak RSS over the process's life (getrusage; includes loading and the export),
+- the process baseline: the RSS when the trainer starts loading the model (Python, torch,
+  transformers, DeepSpeed, the process group, data and tokenizer; no weight yet),
+- the training memory: peak RSS minus that baseline (model, gradients, optimizer states,
+  DeepSpeed buffers, activations), which is what ZeRO partitions,
+- the sampled peak RSS during training (`start` event to the last `step` event).
+`zero3_over_ddp` (the goal's figure) is ZeRO-3's training memory over DDP's, each the highest
+rank's; `zero3_over_ddp_total_rss` is the same with whole-process peak RSS. On CPU a rank's
+"device" and host memory are the same RSS, so the planner's per-rank figure is its per-GPU
+estimate without the CUDA context, plus one host process and that rank's offloaded states.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ import sys
 from pathlib import Path
 
 from bench.common import (
-    MEMORY_SHAPE,
     QUICK_SHAPE,
+    ZERO_MEMORY_SHAPE,
     BenchError,
     bench_env,
     build_bench_model,
@@ -47,7 +53,7 @@ CONFIGS = {
 def settings(quick: bool) -> dict:
     if quick:
         return {"shape": QUICK_SHAPE, "samples": 8, "max_length": 32, "steps": 2}
-    return {"shape": MEMORY_SHAPE, "samples": 16, "max_length": 64, "steps": 3}
+    return {"shape": ZERO_MEMORY_SHAPE, "samples": 16, "max_length": 64, "steps": 3}
 
 
 def training_block(cfg: dict) -> dict:
@@ -95,7 +101,12 @@ def measure(name: str, zero: dict, model_dir: Path, data: Path, cfg: dict, workd
     end_t, last = result.last("step")
     _, done = result.last("done")
     peaks = {rank: p["max_rss_bytes"] for rank, p in sorted(result.rank_peaks.items())}
+    baselines = {rank: p.get("baseline_rss_bytes") for rank, p in sorted(result.rank_peaks.items())}
+    if not peaks or None in baselines.values():
+        raise BenchError(f"a rank recorded no peak or baseline memory: {result.rank_peaks}")
+    above = {rank: peaks[rank] - baselines[rank] for rank in peaks}
     training = result.peak_rss_between(start_t, end_t)
+    training_above = {rank: rss - baselines[rank] for rank, rss in sorted(training.items()) if rank in baselines}
     return {
         "zero": zero,
         "steps": last["step"],
@@ -103,6 +114,11 @@ def measure(name: str, zero: dict, model_dir: Path, data: Path, cfg: dict, workd
         "tokens": trainer_tokens(done.get("summary") or {}),
         "peak_rss_bytes_per_rank": peaks,
         "peak_rss_bytes": max(peaks.values()) if peaks else None,
+        "baseline_rss_bytes_per_rank": baselines,
+        "loaded_rss_bytes_per_rank": {rank: p.get("loaded_rss_bytes") for rank, p in sorted(result.rank_peaks.items())},
+        "above_baseline_bytes_per_rank": above,
+        "above_baseline_bytes": max(above.values()),
+        "training_above_baseline_bytes": max(training_above.values()) if training_above else None,
         "training_peak_rss_bytes_per_rank": dict(sorted(training.items())),
         "training_peak_rss_bytes": max(training.values()) if training else None,
         "planner": planner_per_rank(doc, model_config(model_dir)),
@@ -146,13 +162,30 @@ def run(workdir: Path, quick: bool = False) -> dict:
     work = equal_work(**checks)
     zero3 = ok.get("zero3", {})
     both = bool(ddp) and bool(zero3)
+
+    def over_ddp(key: str):
+        return zero3[key] / ddp[key] if both and zero3.get(key) and ddp.get(key) else None
+
+    figure = "above_baseline_bytes"  # training memory: peak RSS minus the RSS before the model existed
+    baselines = [b for r in ok.values() for b in r["baseline_rss_bytes_per_rank"].values()]
     return {
         "ranks": RANKS,
         "model": {"shape": cfg["shape"], "params": ddp.get("total_params")},
         "runs": runs,
         "equal_work": work,
+        "ratio_figure": "peak RSS per rank minus that rank's RSS when model loading started (highest rank), same for DDP and ZeRO-3",
+        "process_baseline_rss_bytes": {"min": min(baselines), "max": max(baselines)} if baselines else None,
         # ZeRO-3 against plain data parallel, per rank: >1 means ZeRO-3 needs less.
-        "ratio": ratio(zero3["peak_rss_bytes"], ddp["peak_rss_bytes"], work, higher_is_better=False) if both else None,
-        "zero3_over_ddp": zero3["peak_rss_bytes"] / ddp["peak_rss_bytes"] if both else None,
-        "training_zero3_over_ddp": zero3["training_peak_rss_bytes"] / ddp["training_peak_rss_bytes"] if both and ddp["training_peak_rss_bytes"] else None,
+        "ratio": ratio(zero3[figure], ddp[figure], work, higher_is_better=False) if both else None,
+        "zero3_over_ddp": over_ddp(figure),
+        "training_zero3_over_ddp": over_ddp("training_above_baseline_bytes"),
+        "zero3_over_ddp_total_rss": over_ddp("peak_rss_bytes"),
     }
+
+
+if __name__ == "__main__":
+    # `python -m bench.zero_memory [--quick] [--out DIR] [--workdir DIR]`: this benchmark alone,
+    # through run_cpu (its table, goal and cpu.json in --out, by default bench/results).
+    from bench.run_cpu import main
+
+    sys.exit(main(["--only", "zero_memory", *sys.argv[1:]]))
