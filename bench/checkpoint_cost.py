@@ -149,6 +149,7 @@ def run(workdir: Path, quick: bool = False, skip_resume: bool = False) -> dict:
 
 def main() -> None:
     import argparse
+    import shutil
     import tempfile
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -157,7 +158,11 @@ def main() -> None:
     parser.add_argument("--skip-resume", action="store_true", help="only the save/load comparison (no trainer runs)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kubetune-ckpt-bench-"))
-    print(json.dumps(run(workdir, quick=args.quick, skip_resume=args.skip_resume), indent=1))
+    try:
+        print(json.dumps(run(workdir, quick=args.quick, skip_resume=args.skip_resume), indent=1))
+    finally:
+        if args.workdir is None:  # several GB of checkpoints
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
