@@ -7,9 +7,10 @@ Used as the program torchrun (or python) starts, in front of the real one:
 Each rank writes KUBETUNE_BENCH_PEAK_DIR/rank-<RANK>.json with its peak resident set size
 (getrusage, exact, not sampled), its baseline (the RSS when the trainer starts loading the
 model: after the imports, the process group, the data and the tokenizer, before any weight
-exists) and the RSS once the model is loaded, and, where CUDA was used, torch's peak
-allocated/reserved GPU memory. The measured program runs unchanged; nothing here imports
-torch (the trainer's load_model is only wrapped to read the RSS around it).
+exists), the RSS once the model is loaded, the peak RSS up to the final export (loading,
+DeepSpeed, every step and checkpoint: the training's peak) and, where CUDA was used, torch's
+peak allocated/reserved GPU memory. The measured program runs unchanged; nothing here
+imports torch (the trainer's load_model and save_trained are only wrapped to read the RSS).
 """
 
 from __future__ import annotations
@@ -31,12 +32,25 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _watch_model_loading() -> None:
-    """Record the RSS when kubetune's load_model is entered (baseline) and when it returns."""
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _watch_trainer_phases() -> None:
+    """Record the RSS when kubetune's load_model is entered (baseline) and when it returns, and
+    the peak so far when the export (save_trained) starts."""
     try:
+        from kubetune import export
         from kubetune.model import loader
     except ImportError:
         return
+    save_trained = export.save_trained
+
+    def measured_save_trained(*args, **kwargs):
+        _PHASES.setdefault("pre_export_peak_rss_bytes", peak_rss())
+        return save_trained(*args, **kwargs)
+
+    export.save_trained = measured_save_trained
     load_model = loader.load_model
 
     def measured_load_model(*args, **kwargs):
@@ -49,7 +63,7 @@ def _watch_model_loading() -> None:
 
 
 def peak_memory() -> dict:
-    peak = {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **_PHASES}  # Linux reports KiB
+    peak = {"max_rss_bytes": peak_rss(), **_PHASES}
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
@@ -73,7 +87,7 @@ def main() -> None:
     sys.argv = [module] + sys.argv[2:]
     atexit.register(_record)
     if module == "kubetune.train.main":
-        _watch_model_loading()
+        _watch_trainer_phases()
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

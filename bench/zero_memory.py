@@ -5,14 +5,17 @@ estimate for the same job.
 The model (~155M parameters, full fine-tuning, fp32 Adam: 16 bytes per parameter of model
 states under DDP, ~2.3 GiB per rank) is large enough that model states, not the framework,
 dominate a rank. Measured per rank (bench/rank_peak.py):
-- the exact peak RSS over the process's life (getrusage; includes loading and the export),
+- the exact peak RSS over the process's life (getrusage; includes the final export, where
+  ZeRO-3 gathers the whole model on rank 0 to write it),
 - the process baseline: the RSS when the trainer starts loading the model (Python, torch,
   transformers, DeepSpeed, the process group, data and tokenizer; no weight yet),
-- the training memory: peak RSS minus that baseline (model, gradients, optimizer states,
+- the exact peak RSS up to the export (loading, DeepSpeed, every step, the checkpoint),
+- the training memory: that peak minus the baseline (model, gradients, optimizer states,
   DeepSpeed buffers, activations), which is what ZeRO partitions,
-- the sampled peak RSS during training (`start` event to the last `step` event).
+- the sampled peak RSS during the steps (`start` event to the last `step` event).
 `zero3_over_ddp` (the goal's figure) is ZeRO-3's training memory over DDP's, each the highest
-rank's; `zero3_over_ddp_total_rss` is the same with whole-process peak RSS. On CPU a rank's
+rank's; `zero3_over_ddp_total_rss` is the ratio of whole-life peaks (export included) and
+`training_zero3_over_ddp` that of the sampled step-phase peaks above the baseline. On CPU a rank's
 "device" and host memory are the same RSS, so the planner's per-rank figure is its per-GPU
 estimate without the CUDA context, plus one host process and that rank's offloaded states.
 """
@@ -102,9 +105,10 @@ def measure(name: str, zero: dict, model_dir: Path, data: Path, cfg: dict, workd
     _, done = result.last("done")
     peaks = {rank: p["max_rss_bytes"] for rank, p in sorted(result.rank_peaks.items())}
     baselines = {rank: p.get("baseline_rss_bytes") for rank, p in sorted(result.rank_peaks.items())}
-    if not peaks or None in baselines.values():
-        raise BenchError(f"a rank recorded no peak or baseline memory: {result.rank_peaks}")
-    above = {rank: peaks[rank] - baselines[rank] for rank in peaks}
+    pre_export = {rank: p.get("pre_export_peak_rss_bytes") for rank, p in sorted(result.rank_peaks.items())}
+    if not peaks or None in baselines.values() or None in pre_export.values():
+        raise BenchError(f"a rank recorded no peak, baseline or pre-export memory: {result.rank_peaks}")
+    above = {rank: pre_export[rank] - baselines[rank] for rank in peaks}
     training = result.peak_rss_between(start_t, end_t)
     training_above = {rank: rss - baselines[rank] for rank, rss in sorted(training.items()) if rank in baselines}
     return {
@@ -115,6 +119,7 @@ def measure(name: str, zero: dict, model_dir: Path, data: Path, cfg: dict, workd
         "peak_rss_bytes_per_rank": peaks,
         "peak_rss_bytes": max(peaks.values()) if peaks else None,
         "baseline_rss_bytes_per_rank": baselines,
+        "pre_export_peak_rss_bytes_per_rank": pre_export,
         "loaded_rss_bytes_per_rank": {rank: p.get("loaded_rss_bytes") for rank, p in sorted(result.rank_peaks.items())},
         "above_baseline_bytes_per_rank": above,
         "above_baseline_bytes": max(above.values()),
@@ -166,14 +171,14 @@ def run(workdir: Path, quick: bool = False) -> dict:
     def over_ddp(key: str):
         return zero3[key] / ddp[key] if both and zero3.get(key) and ddp.get(key) else None
 
-    figure = "above_baseline_bytes"  # training memory: peak RSS minus the RSS before the model existed
+    figure = "above_baseline_bytes"  # training memory: peak RSS up to the export minus the RSS before the model existed
     baselines = [b for r in ok.values() for b in r["baseline_rss_bytes_per_rank"].values()]
     return {
         "ranks": RANKS,
         "model": {"shape": cfg["shape"], "params": ddp.get("total_params")},
         "runs": runs,
         "equal_work": work,
-        "ratio_figure": "peak RSS per rank minus that rank's RSS when model loading started (highest rank), same for DDP and ZeRO-3",
+        "ratio_figure": "exact peak RSS per rank up to the final export minus that rank's RSS when model loading started (highest rank), same for DDP and ZeRO-3",
         "process_baseline_rss_bytes": {"min": min(baselines), "max": max(baselines)} if baselines else None,
         # ZeRO-3 against plain data parallel, per rank: >1 means ZeRO-3 needs less.
         "ratio": ratio(zero3[figure], ddp[figure], work, higher_is_better=False) if both else None,
