@@ -85,7 +85,7 @@ def planner_per_rank(job_doc: dict, config: dict) -> dict:
         "per_gpu_bytes": est.per_gpu_bytes,
         "host_bytes_per_node": est.host_bytes,
         "breakdown": est.breakdown,
-        "cpu_rank_bytes": device + planner.HOST_PROCESS_BYTES + offloaded,
+        "cpu_rank_bytes": device + planner.HOST_PROCESS_BYTES + offloaded,  # a CPU rank: no CUDA_HOST_BYTES
     }
 
 

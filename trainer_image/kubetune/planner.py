@@ -31,17 +31,25 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any, Optional
 
+from .train.deepspeed_config import zero_buffer_sizes
+
 GiB = 1024**3
 
-# DeepSpeed defaults (zero_optimization.reduce_bucket_size, stage3_prefetch_bucket_size).
+# DeepSpeed's own defaults (zero_optimization.reduce_bucket_size, stage3_prefetch_bucket_size),
+# which apply where the trainer sets none (stages 0-1, or a model config without hidden_size).
 REDUCE_BUCKET_ELEMENTS = 500_000_000
 STAGE3_PREFETCH_ELEMENTS = 50_000_000
 # CUDA context + cuBLAS/cuDNN workspaces + NCCL buffers, per GPU process.
 RUNTIME_CONTEXT_BYTES = 1 * GiB
 # The caching allocator reserves more than the live tensors (fragmentation).
 FRAGMENTATION = 0.10
-# Python + torch + DeepSpeed resident memory of one training process on the host.
-HOST_PROCESS_BYTES = int(1.5 * GiB)
+# Resident host memory of one training process before its model exists: Python, torch,
+# transformers, DeepSpeed and the data. Measured: 373 MiB per rank on CPU (bench/zero_memory.py,
+# `baseline_rss_bytes`), rounded up.
+HOST_PROCESS_BYTES = 400 * 1024**2
+# What a GPU process adds on the host: CUDA runtime, cuBLAS/cuDNN and NCCL host buffers. An
+# allowance, not measured here (no GPU was at hand); nodes without GPUs do not pay it.
+CUDA_HOST_BYTES = 600 * 1024**2
 ADAM_BYTES_MIXED = 12  # fp32 master weights + exp_avg + exp_avg_sq
 ADAM_BYTES_FP32 = 8  # exp_avg + exp_avg_sq; the fp32 weights are the master copy
 OUTPUT_LAYERS = ("lm_head", "output_layer")
@@ -324,11 +332,15 @@ def estimate(spec, model_config: dict[str, Any], gpu_memory_bytes: Optional[int]
         host_offloaded["weights"] = weights
         weights = 0
 
-    # Working buffers: gradient reduce bucket; ZeRO-3 gathers whole layers (and prefetches).
-    buffers = min(REDUCE_BUCKET_ELEMENTS, trained) * act
+    # Working buffers, sized as the trainer configures DeepSpeed (from the hidden size; the
+    # job's raw deepspeedConfig wins): the gradient reduce bucket; ZeRO-3 gathers the module
+    # it computes (a whole layer, or the embedding) plus the prefetch bucket.
+    zero_config = {**zero_buffer_sizes(stage, shape.hidden), **dist.deepspeed_config.get("zero_optimization", {})}
+    buffers = min(int(zero_config.get("reduce_bucket_size", REDUCE_BUCKET_ELEMENTS)), trained) * act
     if stage >= 3:
         block = (shape.q_dim + 2 * shape.kv_dim) * shape.hidden + shape.q_dim * shape.hidden + (3 if shape.gated_mlp else 2) * shape.hidden * shape.intermediate
-        buffers += (max(block, shape.vocab * shape.hidden) + min(STAGE3_PREFETCH_ELEMENTS, total)) * act
+        prefetch = int(zero_config.get("stage3_prefetch_bucket_size", STAGE3_PREFETCH_ELEMENTS))
+        buffers += (max(block, shape.vocab * shape.hidden) + min(prefetch, total)) * act
 
     # Activations: prompt tuning lengthens the sequence, P-tuning lengthens the keys.
     seq = training.max_length
@@ -368,7 +380,7 @@ def estimate(spec, model_config: dict[str, Any], gpu_memory_bytes: Optional[int]
         "loading_or_offload": int(max(loading, offloaded)),
         "offloaded_weights": int(procs * host_offloaded["weights"]),
         "offloaded_optimizer": int(procs * host_offloaded["optimizer"]),
-        "processes": procs * HOST_PROCESS_BYTES,
+        "processes": procs * (HOST_PROCESS_BYTES + CUDA_HOST_BYTES),
     }
     host = host_breakdown["loading_or_offload"] + host_breakdown["processes"]
     fits = None if gpu_memory_bytes is None else per_gpu <= gpu_memory_bytes
