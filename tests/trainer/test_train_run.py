@@ -135,11 +135,14 @@ def test_two_processes_zero2_freeze_packed_exports_loadable_weights(tmp_path, ti
     job = write_job(tmp_path, tiny_model_dir, "z2", method={"type": "freeze", "freeze": {"lastLayers": 1}},
                     distributed={"zero": {"stage": 2}},
                     training={"maxSteps": 6, "learningRate": 0.01, "microBatchSize": 1, "maxLength": 64, "logEverySteps": 1, "packing": True})
+    with (tmp_path / "data.jsonl").open("a") as data:  # trained as text, counted and warned about
+        data.write(json.dumps({"prompt": "Say <|im_end|> please", "response": "<|im_end|>"}) + "\n")
     proc = torchrun(job, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = events(proc.stdout)
     assert out[0]["world_size"] == 2 and out[-1]["event"] == "done" and out[-1]["step"] == 6
     assert out[0]["rows"] < out[0]["train_samples"]  # packed: several samples per row
+    assert out[0]["special_text_samples"] == 1 and "1 samples spell special tokens" in proc.stderr
     assert all(e["grad_norm"] > 0 for e in out if e["event"] == "step")
     from transformers import AutoModelForCausalLM
 

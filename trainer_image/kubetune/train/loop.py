@@ -280,6 +280,11 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
     val_samples, _ = tokenize_examples(tokenizer, val_examples, limits, plain)
     if stats.dropped or stats.truncated:
         log.warning("%d samples truncated, %d dropped (no answer token left): first dropped %s", stats.truncated, stats.dropped, stats.dropped_sources[:3])
+    if stats.special_text:
+        log.warning(
+            "%d samples spell special tokens (e.g. <|im_end|>) in their text; they are trained as text, not as markup: first %s",
+            stats.special_text, stats.special_text_sources[:3],
+        )  # fmt: skip
     rows = rows_from_samples(samples, t.max_length, t.packing, t.seed)
     val_rows = rows_from_samples(val_samples, t.max_length, t.packing, t.seed)
     plan = BatchPlan(len(rows), t.micro_batch_size, t.gradient_accumulation_steps, world)
@@ -345,7 +350,7 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
             log.warning("Prometheus metrics not served: %s", err)
         emit("start", total_steps=steps, world_size=world, trainable_params=trainable, total_params=total,
              train_samples=len(samples), validation_samples=len(val_samples), rows=len(rows), precision=precision,
-             zero_stage=spec.distributed.zero.stage)
+             zero_stage=spec.distributed.zero.stage, special_text_samples=stats.special_text)
         if client_state is not None:
             emit("resume", **{"from": manager.loaded, "step": state.step})
     status.update(phase="training", step=state.step, total_steps=steps)
@@ -472,6 +477,7 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
         "validation_samples": len(val_samples),
         "truncated_samples": stats.truncated,
         "dropped_samples": stats.dropped,
+        "special_text_samples": stats.special_text,
         "outputs": outputs,
     }
     if dist_info.main:
