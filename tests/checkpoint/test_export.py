@@ -227,6 +227,15 @@ def test_a_reexport_killed_halfway_is_never_used_as_complete(make_engine, train,
     with pytest.raises(IncompleteExport, match="is an unfinished export"):
         run_merge(job, cache_dir=tmp_path / "cache")  # the merge step refuses it
     assert not open_store(layout.model).list()  # nothing merged, nothing served from it
+    # Nor is it served, or trained on as a base model.
+    from kubetune.model_source import materialize_model
+    from kubetune.serve.loader import load_model
+    from kubetune.spec import ModelSpec
+
+    with pytest.raises(IncompleteExport, match="is an unfinished export"):
+        load_model(str(layout.adapter), base_model=str(tiny_model_dir), cache_dir=tmp_path / "serve-cache")
+    with pytest.raises(ValueError, match="is an unfinished export"):
+        materialize_model(ModelSpec(uri=str(layout.adapter)), tmp_path / "cache")
 
     # Exporting again completes it, with the new files only.
     publish_dir(new, layout.adapter)

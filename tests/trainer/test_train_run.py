@@ -143,6 +143,9 @@ def test_two_processes_zero2_freeze_packed_exports_loadable_weights(tmp_path, ti
     assert out[0]["world_size"] == 2 and out[-1]["event"] == "done" and out[-1]["step"] == 6
     assert out[0]["rows"] < out[0]["train_samples"]  # packed: several samples per row
     assert out[0]["special_text_samples"] == 1 and "1 samples spell special tokens" in proc.stderr
+    saves = [e for e in out if e["event"] == "checkpoint"]  # step 4 uploads in the background; the final save waits
+    assert [e["step"] for e in saves] == [4, 6] and saves[0]["committed"] in (None, saves[0]["name"])
+    assert saves[-1]["committed"] == saves[-1]["name"]
     assert all(e["grad_norm"] > 0 for e in out if e["event"] == "step")
     from transformers import AutoModelForCausalLM
 

@@ -69,6 +69,7 @@ def materialize_model(model_spec: ModelSpec, cache_dir: str | Path, base_dir: Op
         if not path.exists():
             where = f" (the volume is mounted at {path})" if uri.scheme == "pvc" else ""
             raise FileNotFoundError(f"spec.model.uri: {model_spec.uri} does not exist{where}")
+        verify_export(path, f"spec.model.uri {model_spec.uri}")
     else:
         path = _download(str(uri), cache_dir, endpoint)
 
@@ -101,8 +102,20 @@ def _download(uri: str, cache_dir: Path, endpoint: Optional[str]) -> Path:
             shutil.rmtree(entry)
         log.info("downloading %s into %s", uri, entry)
         got = fetch(uri, entry, endpoint=endpoint)
+        verify_export(got, f"spec.model.uri {uri}")  # before the marker: a refused copy is fetched again next time
         marker.write_text(got.relative_to(entry).as_posix())
         return got
+
+
+def verify_export(path: Path, where: str) -> None:
+    """Refuse a folder that is an unfinished or altered KubeTune export (its files are not the
+    model the export wrote); folders KubeTune did not export are used as they are."""
+    from .export import IncompleteExport, check_export
+
+    try:
+        check_export(path, where)
+    except IncompleteExport as err:
+        raise ValueError(str(err)) from None
 
 
 def _weights_stamp(path: Path) -> str:

@@ -205,8 +205,10 @@ def _apply(event: dict, result: TrainResult, progress: Progress, task) -> None:
             eta=_fmt_eta(event.get("eta_seconds")),
         )  # fmt: skip
     elif kind == "checkpoint":
-        result.last_checkpoint = event.get("name")
-        progress.console.print(f"checkpoint {event.get('name')} saved in {event.get('seconds', 0):.1f}s")
+        name, committed = event.get("name"), event.get("committed", event.get("name"))
+        result.last_checkpoint = committed
+        uploading = "" if committed == name else " (uploading while training goes on)"
+        progress.console.print(f"checkpoint {name} saved in {event.get('seconds', 0):.1f}s{uploading}")
     elif kind == "eval":
         result.evals.append(event)
         progress.console.print(f"step {event.get('step')}: validation loss {event.get('validation_loss')}")

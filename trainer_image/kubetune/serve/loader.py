@@ -35,8 +35,12 @@ class LoadedModel:
 
 
 def _local(location: str, cache_dir: Path, base_dir: Optional[Path], endpoint: Optional[str]) -> Path:
+    from ..export import check_export
+
     uri = parse_uri(location, base_dir)
-    return fetch(uri, cache_dir / "serve" / cache_key(str(uri)), endpoint=endpoint)
+    path = fetch(uri, cache_dir / "serve" / cache_key(str(uri)), endpoint=endpoint)
+    check_export(path, str(uri))  # an unfinished or altered export is refused, never served
+    return path
 
 
 def _dtype(name: str, device: str):

@@ -23,7 +23,7 @@ from ..data.batching import BatchPlan, collate, model_inputs, rows_from_samples,
 from ..data.loader import DataError, load_datasets
 from ..data.tokenize import LengthLimits, tokenize_examples
 from ..layout import JobLayout, job_layout
-from ..model_source import default_cache_dir, materialize_model
+from ..model_source import default_cache_dir, materialize_model, verify_export
 from ..progress import Progress
 from ..spec import FineTuneJob
 from ..storage import fetch, open_store
@@ -304,7 +304,8 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
     if spec.method.adapter_uri:
         try:
             adapter_dir = fetch(spec.method.adapter_uri, work / "adapter", base_dir, endpoint)
-        except FileNotFoundError as err:
+            verify_export(adapter_dir, f"method.adapterUri {spec.method.adapter_uri}")
+        except (FileNotFoundError, ValueError) as err:
             raise ModelSourceError(f"method.adapterUri: {err}") from None
     model = apply_method(model, spec, model_dir, adapter_dir)
     trainable, total = count_parameters(model)
@@ -364,7 +365,8 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
         seconds = time.monotonic() - started
         if dist_info.main:
             metrics.observe_checkpoint(seconds, time.time())
-            emit("checkpoint", step=state.step, name=name, seconds=round(seconds, 3))
+            # committed: the newest checkpoint a resume would use (name itself once its upload is done)
+            emit("checkpoint", step=state.step, name=name, seconds=round(seconds, 3), committed=manager.committed)
             status.flush_metrics()
         committed = manager.committed  # with wait=False, the previous one (progress.json names committed ones only)
         status.update(phase="saving" if final else "training", last_checkpoint=committed,
