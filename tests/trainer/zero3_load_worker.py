@@ -23,7 +23,7 @@ def main() -> None:
     warmup_dir, model_dir, out = (Path(a) for a in sys.argv[1:4])
     from kubetune.train.main import return_freed_host_memory
 
-    return_freed_host_memory()  # as kubetune-train does first
+    return_freed_host_memory()  # as kubetune-train does for ZeRO-3 jobs
     import deepspeed
     import torch
     from safetensors import safe_open
