@@ -59,7 +59,7 @@ class OperatorProcess:
 
 
 def posts(cluster) -> collections.Counter:
-    """Successful creations per (resource, name): a duplicate would count twice."""
+    """POST requests per (resource, name), accepted or refused as already existing."""
 
     def count(emulator):
         out = collections.Counter()
@@ -71,6 +71,16 @@ def posts(cluster) -> collections.Counter:
     return cluster.run(count)
 
 
+def uids(cluster, children) -> dict:
+    """The uid of each existing child: a child deleted and created again gets a new one."""
+    out = {}
+    for plural, name in children:
+        obj = cluster.objects(plural).get(name)
+        if obj is not None:
+            out[(plural, name)] = obj["metadata"]["uid"]
+    return out
+
+
 def test_operator_killed_in_every_phase_finishes_the_job_once(tmp_path):
     cluster = Cluster(tmp_path).start()
     api, kubectl = harness.Api(cluster.url), harness.Kubectl(cluster, tmp_path)
@@ -78,6 +88,14 @@ def test_operator_killed_in_every_phase_finishes_the_job_once(tmp_path):
 
     def status() -> dict:
         return kubectl.get_json("ftj", JOB).get("status") or {}
+
+    expected = {("configmaps", f"{JOB}-config"), ("services", f"{JOB}-workers"), ("pods", WORKERS[0]), ("pods", WORKERS[1]),
+                ("pods", f"{JOB}-merge"), ("deployments", f"{JOB}-serve"), ("services", f"{JOB}-serve")}  # fmt: skip
+    first_seen: dict = {}
+
+    def remember() -> None:
+        for key, uid in uids(cluster, expected).items():
+            first_seen.setdefault(key, uid)
 
     try:
         api.create_secret("s3-credentials", {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"})
@@ -88,6 +106,7 @@ def test_operator_killed_in_every_phase_finishes_the_job_once(tmp_path):
         wait_for(lambda: posts(cluster)[("configmaps", f"{JOB}-config")], what="first child created")
         operator.kill_and_restart()
         wait_for(lambda: set(WORKERS) <= set(cluster.objects("pods")) and f"{JOB}-workers" in cluster.objects("services"), what="all children")
+        remember()
 
         # 2. running
         for name in WORKERS:
@@ -101,21 +120,26 @@ def test_operator_killed_in_every_phase_finishes_the_job_once(tmp_path):
         for name in WORKERS:
             api.set_pod_status(name, "Succeeded", exit_code=0)
         wait_for(lambda: f"{JOB}-merge" in cluster.objects("pods"), what="merge pod")
+        remember()
         operator.kill_and_restart()
         wait_for(lambda: status().get("phase") == "Merging", what="Merging after restart")
         api.set_pod_status(f"{JOB}-merge", "Succeeded", exit_code=0)
 
         # 4. serving
         wait_for(lambda: f"{JOB}-serve" in cluster.objects("deployments"), what="serving Deployment")
+        remember()
         operator.kill_and_restart()
         api.set_deployment_ready(f"{JOB}-serve", 1)
         final = wait_for(lambda: status().get("phase") == "Serving" and status().get("endpoint") and status(), what="Serving")
 
-        created = posts(cluster)
-        expected = {("configmaps", f"{JOB}-config"), ("services", f"{JOB}-workers"), ("pods", WORKERS[0]), ("pods", WORKERS[1]),
-                    ("pods", f"{JOB}-merge"), ("deployments", f"{JOB}-serve"), ("services", f"{JOB}-serve")}  # fmt: skip
-        children = {k: v for k, v in created.items() if k[0] not in ("secrets", "finetunejobs", "events")}
-        assert children == dict.fromkeys(expected, 1), children
+        # Every child was created once: each still has the uid it had when first seen (a
+        # restarted operator that replaced one would have given it a new uid), and nothing else
+        # was created. A new operator may POST a child that already exists (it creates a new
+        # job's children without reading first); the API server refuses that with 409.
+        remember()
+        assert uids(cluster, expected) == first_seen and set(first_seen) == expected, (uids(cluster, expected), first_seen)
+        created = {k for k in posts(cluster) if k[0] not in ("secrets", "finetunejobs", "events")}
+        assert created == expected, created
         assert final["restarts"] == 0 and final["endpoint"] == f"http://{JOB}-serve.default.svc:8000/v1"
         assert final["outputs"] == {"adapterUri": "s3://models/qa-bot/adapter", "mergedUri": "s3://models/qa-bot/model"}
         assert operator.kills == 4
