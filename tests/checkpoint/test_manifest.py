@@ -73,9 +73,9 @@ def test_manifest_in_the_wrong_folder_and_empty_manifest_are_refused():
 def test_listing_checked_against_manifest():
     m = manifest()
     ok = {"mp_rank_00_model_states.pt": 100, "rng/rank-00000.pt": 7, "manifest.json": 300}
-    assert missing_or_wrong(m, ok) is None
-    assert "missing from storage" in missing_or_wrong(m, {"mp_rank_00_model_states.pt": 100})
-    assert "has 99 bytes in storage, manifest.json says 100" in missing_or_wrong(m, {**ok, "mp_rank_00_model_states.pt": 99})
+    assert missing_or_wrong(m.files, ok) is None
+    assert "missing from storage" in missing_or_wrong(m.files, {"mp_rank_00_model_states.pt": 100})
+    assert "has 99 bytes in storage, manifest.json says 100" in missing_or_wrong(m.files, {**ok, "mp_rank_00_model_states.pt": 99})
 
 
 def test_rotation_keeps_newest_complete_and_drops_older_leftovers():

@@ -185,7 +185,7 @@ class CheckpointManager:
             manifest = self._read_manifest(name)
         except (ManifestError, FileNotFoundError) as err:
             return None, str(err)
-        reason = missing_or_wrong(manifest, files)
+        reason = missing_or_wrong(manifest.files, files)
         return (None, reason) if reason else (manifest, None)
 
     def _scan(self, log_skipped: bool):

@@ -129,10 +129,9 @@ def file_rank(path: str) -> Optional[int]:
     return None
 
 
-def missing_or_wrong(manifest: Manifest | list[FileEntry], listing: dict[str, int]) -> Optional[str]:
-    """Why the stored files (relative path -> size) do not match the manifest (or a list of
-    its file entries), or None."""
-    for entry in manifest.files if isinstance(manifest, Manifest) else manifest:
+def missing_or_wrong(files: list[FileEntry], listing: dict[str, int]) -> Optional[str]:
+    """Why the stored files (relative path -> size) do not match a manifest's file entries, or None."""
+    for entry in files:
         size = listing.get(entry.path)
         if size is None:
             return f"{entry.path} is listed in manifest.json but missing from storage"
