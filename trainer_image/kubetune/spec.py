@@ -11,6 +11,7 @@ Field names are the user-facing contract (shared/API.md): add fields, never rena
 from __future__ import annotations
 
 import enum
+import functools
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -485,12 +486,21 @@ def line_of(text: str, field: str | tuple) -> Optional[int]:
 
     A dotted path whose keys contain dots themselves (`nvidia.com/gpu`) points at the parent.
     """
+    lines = _text_line_index(text)
+    if lines is None:
+        return None
+    path = tuple(field.split(".")) if isinstance(field, str) else tuple(field)
+    return _nearest_line(path, lines)
+
+
+@functools.lru_cache(maxsize=4)
+def _text_line_index(text: str) -> Optional[dict[tuple, int]]:
+    """The line index of a YAML text, composed once for every field asked about (read only)."""
     try:
         root, _ = _compose_yaml(text)
     except yaml.YAMLError:
         return None
-    path = tuple(field.split(".")) if isinstance(field, str) else tuple(field)
-    return _nearest_line(path, _line_index(root))
+    return _line_index(root)
 
 
 def _field_path(loc: tuple, document: Any) -> tuple:
