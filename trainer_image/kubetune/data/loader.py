@@ -73,6 +73,22 @@ def _json_limit(err: Exception) -> str:
     return str(err)
 
 
+def fetch_records(
+    uri: str, what: str, field: str, cache_dir: Path, base_dir: Optional[str | Path] = None, endpoint: Optional[str] = None
+) -> tuple[list[tuple[str, Any]], str]:
+    """Fetch one JSON / JSON Lines file (`what`, named by the spec `field`) and read its
+    records; also the name errors show for it (the local path, or the URI)."""
+    location = parse_uri(uri, base_dir)
+    try:
+        path = fetch(location, cache_dir, endpoint=endpoint)
+    except FileNotFoundError as err:
+        raise DataError(f"{what} {uri}: {err}") from None
+    if path.is_dir():
+        raise DataError(f"{what} {uri} is a folder; point {field} at one JSON or JSON Lines file")
+    shown = str(path) if location.scheme == "file" else str(location)
+    return read_records(path, shown), shown
+
+
 def load_examples(
     uri: str,
     dataset: DatasetSpec,
@@ -86,15 +102,7 @@ def load_examples(
         cols = resolve_columns(dataset.format, dataset.columns)
     except ValueError as err:
         raise DataError(str(err)) from None
-    location = parse_uri(uri, base_dir)
-    try:
-        path = fetch(location, cache_dir, endpoint=endpoint)
-    except FileNotFoundError as err:
-        raise DataError(f"dataset {uri}: {err}") from None
-    if path.is_dir():
-        raise DataError(f"dataset {uri} is a folder; point spec.dataset.uri at one JSON or JSON Lines file")
-    shown = str(path) if location.scheme == "file" else str(location)
-    records = read_records(path, shown)
+    records, shown = fetch_records(uri, "dataset", "spec.dataset.uri", cache_dir, base_dir, endpoint)
     if max_samples is not None:
         records = records[:max_samples]
     examples, errors = [], []
