@@ -94,6 +94,14 @@ SPEC_CATALOGUE = [
     ({"spec__serving": {"generation": {"temperature": 3}}}, "<job>: spec.serving.generation.temperature: Input should be less than or equal to 2 (got 3)"),
     ({"spec__runPolicy": {"backoffLimit": -1}}, "<job>: spec.runPolicy.backoffLimit: Input should be greater than or equal to 0 (got -1)"),
     ({"spec__image": {"pullPolicy": "Sometimes"}}, "<job>: spec.image.pullPolicy: Input should be 'Always', 'IfNotPresent' or 'Never' (got 'Sometimes')"),
+    ({"spec__retention": {"replay": {"ratio": -0.5}}}, "<job>: spec.retention.replay.ratio: Input should be greater than or equal to 0 (got -0.5)"),
+    ({"spec__retention": {"probes": {"warnBelow": 90}}}, "<job>: spec.retention.probes.warnBelow: Input should be less than or equal to 1 (got 90)"),
+    ({"spec__retention": {"replay": {"prompts": "x.jsonl"}}}, f"<job>: spec.retention.replay.prompts: {UNKNOWN}"),
+    (
+        {"spec__retention": {}, "spec__dataset__format": "text"},
+        "<job>: spec.retention: replays and probes chat answers, but dataset.format text trains plain text without a chat "
+        "template; use a chat format (prompt_response, alpaca, conversation, sharegpt, openai) or remove spec.retention",
+    ),
     (
         {"spec__method": {"type": "qlora"}, "spec__distributed": {"zero": {"stage": 3}}},
         "<job>: spec: method.type qlora cannot be combined with distributed.zero.stage 3 (quantized weights cannot be partitioned); use stage 0-2",
@@ -224,6 +232,8 @@ SEMANTIC_CATALOGUE = [
         {"spec__training": {"maxSteps": 10}, "spec__checkpoint": {"everySteps": 100}},
         "spec.checkpoint.everySteps: 100 is more than training.maxSteps 10: no checkpoint would be written before the end, so a restart starts over",
     ),
+    ({"spec__retention": {"replay": {"uri": "/home/me/prompts.jsonl"}}}, "spec.retention.replay.uri: '/home/me/prompts.jsonl' is a local path, which pods cannot see; use s3://BUCKET/KEY or pvc://CLAIM/PATH"),
+    ({"spec__retention": {"probes": {"uri": "s3://data/../x.jsonl"}}}, "spec.retention.probes.uri: 's3://data/../x.jsonl' contains '..'; locations may not climb out of their bucket"),
     ({"metadata__name": "1abc"}, "metadata.name: '1abc' must start with a letter: the job's Services are named after it"),
 ]
 

@@ -293,6 +293,53 @@ class DistributedSpec(SpecModel):
 
 
 # ---------------------------------------------------------------------------------------
+# spec.retention
+
+
+class ReplaySpec(SpecModel):
+    ratio: StrictFloat = Field(
+        0.5,
+        ge=0.0,
+        le=10.0,
+        description="Replayed answers mixed into training per training sample: 0.5 adds one base-model "
+        "answer for every two of your samples (the same ones every epoch); 0 replays nothing (probes only). "
+        "Capped by the number of prompts available.",
+    )
+    uri: Optional[str] = Field(
+        None,
+        description="Your own replay prompts: JSON Lines, one {\"prompt\": \"...\"} per line (s3://, file:// or a path). "
+        "Default: KubeTune's set of general questions and instructions in English and Chinese. Prompts that are "
+        "also probe questions are never replayed.",
+    )
+    max_new_tokens: StrictInt = Field(
+        96, ge=1, le=4096, description="Longest replayed answer in tokens; an answer cut there is trained without an end of turn."
+    )
+
+
+class ProbeSpec(SpecModel):
+    uri: Optional[str] = Field(
+        None,
+        description="Your own probe questions: JSON Lines, one {\"question\": \"...\", \"expect\": [\"...\"]} per line; "
+        "an answer is right when it contains one of the expected phrases (case-insensitive). Default: KubeTune's "
+        "held-out set of general questions in English and Chinese.",
+    )
+    max_new_tokens: StrictInt = Field(48, ge=1, le=4096, description="Longest probe answer in tokens.")
+    warn_below: StrictFloat = Field(
+        0.9,
+        ge=0.0,
+        le=1.0,
+        description="Warn (a Warning Event on the cluster) when fewer than this fraction of the probes the base "
+        "model answered right are still answered right after training.",
+    )
+
+
+class RetentionSpec(SpecModel):
+    replay: ReplaySpec = Field(default_factory=ReplaySpec, description="Self-distillation replay: the base model's own answers to general prompts, generated once before training (cached beside the checkpoints) and mixed into training.")
+    probes: ProbeSpec = Field(default_factory=ProbeSpec, description="Held-out questions answered before and after training, never replayed: how much general knowledge the tuned model kept.")
+    batch_size: StrictInt = Field(16, ge=1, le=1024, description="Prompts each process answers at once (greedy) for replay and probes.")
+
+
+# ---------------------------------------------------------------------------------------
 # Kubernetes placement, storage, outputs, serving, run policy
 
 
@@ -390,6 +437,38 @@ class FineTuneJobSpec(SpecModel):
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where the trained model goes.")
     serving: ServingSpec = Field(default_factory=ServingSpec, description="Inference server after training.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Restarts, deadlines, suspension.")
+    retention: Optional[RetentionSpec] = Field(
+        None,
+        description="Keep what the base model knew (set it, even empty `retention: {}`, to turn it on): replay the "
+        "base model's own answers to general prompts during training, and report how many held-out probe "
+        "questions the base answered right are still answered right afterwards. Needs chat data (not format text).",
+    )
+
+    def locations(self) -> list[tuple[str, str]]:
+        """(field, URI) of every location the job reads or writes, unset ones left out."""
+        retention = self.retention
+        pairs = [
+            ("spec.model.uri", self.model.uri),
+            ("spec.dataset.uri", self.dataset.uri),
+            ("spec.dataset.validation.uri", self.dataset.validation.uri if self.dataset.validation else None),
+            ("spec.method.adapterUri", self.method.adapter_uri),
+            ("spec.checkpoint.uri", self.checkpoint.uri),
+            ("spec.output.uri", self.output.uri),
+            ("spec.retention.replay.uri", retention.replay.uri if retention else None),
+            ("spec.retention.probes.uri", retention.probes.uri if retention else None),
+        ]
+        return [(f, v) for f, v in pairs if v]
+
+    @field_validator("retention")
+    @classmethod
+    def _retention_needs_chat(cls, retention: Optional[RetentionSpec], info) -> Optional[RetentionSpec]:
+        dataset = info.data.get("dataset")
+        if retention is not None and dataset is not None and dataset.format == "text":
+            raise ValueError(
+                "replays and probes chat answers, but dataset.format text trains plain text without a chat template; "
+                "use a chat format (prompt_response, alpaca, conversation, sharegpt, openai) or remove spec.retention"
+            )
+        return retention
 
     @model_validator(mode="after")
     def _cross_field(self) -> "FineTuneJobSpec":

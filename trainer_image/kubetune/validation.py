@@ -39,21 +39,9 @@ def check_job(job: FineTuneJob, *, on_cluster: bool) -> list[Problem]:
     return problems
 
 
-def _locations(job: FineTuneJob) -> list[tuple[str, str]]:
-    spec = job.spec
-    pairs = [("spec.model.uri", spec.model.uri), ("spec.dataset.uri", spec.dataset.uri)]
-    optional = [
-        ("spec.dataset.validation.uri", spec.dataset.validation.uri if spec.dataset.validation else None),
-        ("spec.method.adapterUri", spec.method.adapter_uri),
-        ("spec.checkpoint.uri", spec.checkpoint.uri),
-        ("spec.output.uri", spec.output.uri),
-    ]
-    return pairs + [(f, v) for f, v in optional if v]
-
-
 def _check_locations(job: FineTuneJob, on_cluster: bool) -> list[Problem]:
     problems = []
-    for field, value in _locations(job):
+    for field, value in job.spec.locations():
         try:
             uri = parse_uri(value, "/")
         except UriError as err:
