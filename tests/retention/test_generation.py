@@ -1,0 +1,99 @@
+"""Replay generation on the tiny model: the same answers for the same seed whatever the
+number of ranks, written once to the cache beside the checkpoints and read back instead of
+generating again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kubetune.retention import Retention
+from kubetune.retention.generate import answer_share
+from kubetune.retention.phase import prompt_ids
+from kubetune.spec import FineTuneJob
+from kubetune.storage import open_store
+
+DS_CONFIG = {"zero_optimization": {"stage": 2}}
+
+
+def job(model_dir, seed: int = 1234, **retention) -> FineTuneJob:
+    retention = {"replay": {"ratio": 0.5, "maxNewTokens": 8}, "probes": {"maxNewTokens": 4}, "batchSize": 8, **retention}
+    return FineTuneJob.model_validate(
+        {"metadata": {"name": "r"}, "spec": {"model": {"uri": str(model_dir)}, "dataset": {"uri": "d.jsonl"},
+                                             "training": {"seed": seed}, "retention": retention}}
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_ranks_share_the_work_and_get_the_answers_of_one_process(tiny):
+    model, tokenizer = tiny
+    prompts = [prompt_ids(tokenizer, q) for q in ["Hi", "What is 2 plus 2?", "你好，世界", "Name a colour, please.", "Why?"]]
+    alone = answer_share(model, tokenizer, prompts, 6, 2, rank=0, world=1, synced=False, device=torch.device("cpu"))
+    first = answer_share(model, tokenizer, prompts, 6, 2, rank=0, world=2, synced=False, device=torch.device("cpu"))
+    second = answer_share(model, tokenizer, prompts, 6, 2, rank=1, world=2, synced=False, device=torch.device("cpu"))
+    assert set(first) & set(second) == set() and set(first) | set(second) == set(range(5))
+    assert {**first, **second} == alone
+    assert all(len(ids) == 6 or finished for ids, finished in alone.values())
+
+
+def prepare(retention: Retention, model_dir, store, tokenizer, build) -> dict:
+    key = retention.key(job(model_dir), tokenizer, model_dir, None, "fp32")
+    retention.prepare(store, key, tokenizer, build, DS_CONFIG, rank=0, world=1, device=torch.device("cpu"))
+    return retention.info
+
+
+def test_generation_is_deterministic_for_a_seed_and_cached(tiny, tiny_model_dir, tmp_path):
+    model, tokenizer = tiny
+    builds = []
+
+    def build():
+        builds.append(1)
+        return model
+
+    store = open_store(str(tmp_path / "checkpoints"))
+    first = Retention.plan(job(tiny_model_dir), train_samples=40, cache_dir=tmp_path / "c")
+    info = prepare(first, tiny_model_dir, store, tokenizer, build)
+    assert len(first.sets.replay) == 20 and info["cached"] is False and len(builds) == 1
+    (cached,) = store.list("retention/")
+    assert info["cache"] == f"{store.root}/{cached.key}"
+    document = json.loads(store.get_bytes(cached.key))
+    assert [r["prompt"] for r in document["replay"]] == first.sets.replay
+    assert len(document["probes"]) == len(first.sets.probes) and all(len(r["ids"]) <= 8 for r in document["replay"])
+
+    # Again (a restart, a resumed run): read from the cache, nothing built or generated.
+    again = Retention.plan(job(tiny_model_dir), train_samples=40, cache_dir=tmp_path / "c")
+    assert prepare(again, tiny_model_dir, store, tokenizer, build)["cached"] is True and len(builds) == 1
+    assert again.base.replay == first.base.replay and again.base.probes == first.base.probes
+    samples = again.replay_samples(tokenizer, __import__("kubetune.data.tokenize", fromlist=["LengthLimits"]).LengthLimits(64))
+    assert len(samples) == 20 and again.info["samples"] == 20
+
+    # Elsewhere, from scratch, with the same seed: the same prompts and answers, byte for byte.
+    other = open_store(str(tmp_path / "elsewhere"))
+    prepare(Retention.plan(job(tiny_model_dir), train_samples=40, cache_dir=tmp_path / "c"), tiny_model_dir, other, tokenizer, build)
+    assert other.get_bytes(cached.key) == store.get_bytes(cached.key) and len(builds) == 2
+
+    # Another seed replays other prompts: another cache entry.
+    reseeded = Retention.plan(job(tiny_model_dir, seed=99), train_samples=40, cache_dir=tmp_path / "c")
+    assert reseeded.sets.replay != first.sets.replay
+    assert reseeded.key(job(tiny_model_dir, seed=99), tokenizer, tiny_model_dir, None, "fp32") != first.key(job(tiny_model_dir), tokenizer, tiny_model_dir, None, "fp32")
+
+
+def test_a_damaged_cache_is_answered_again(tiny, tiny_model_dir, tmp_path):
+    model, tokenizer = tiny
+    store = open_store(str(tmp_path / "checkpoints"))
+    retention = Retention.plan(job(tiny_model_dir), train_samples=10, cache_dir=tmp_path / "c")
+    prepare(retention, tiny_model_dir, store, tokenizer, lambda: model)
+    (cached,) = store.list("retention/")
+    good = store.get_bytes(cached.key)
+    store.put_bytes(cached.key, good[: len(good) // 2])
+    again = Retention.plan(job(tiny_model_dir), train_samples=10, cache_dir=tmp_path / "c")
+    assert prepare(again, tiny_model_dir, store, tokenizer, lambda: model)["cached"] is False
+    assert store.get_bytes(cached.key) == good

@@ -1,0 +1,201 @@
+"""spec.retention in a training run: before training, the base model answers the replay
+prompts and the probes (or the answers come from the cache); its replay answers become
+training samples; after training, the tuned model answers the probes again and the two
+sets of answers are compared (measure.py).
+
+The cache is one JSON object beside the checkpoints, `CHECKPOINTS/retention/base-answers-KEY.json`,
+written by rank 0 in one atomic put. KEY hashes everything that changes the answers: the
+model's files, the adapter continued from, quantization and precision, the chat template,
+the prompts and probe questions in order, and the generation settings. A restart (or a
+resumed run) with the same spec reads it instead of generating again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..data.tokenize import IGNORE, LengthLimits, Sample, truncate_turns
+from ..spec import FineTuneJob, RetentionSpec
+from .generate import Answer, answer_all, generation_model
+from .measure import retention_report
+from .sets import RetentionSets, plan_sets
+
+log = logging.getLogger("kubetune.retention")
+
+# Bump when the way answers are generated changes: old cache entries then stop matching.
+GENERATION_VERSION = 1
+CACHE_PREFIX = "retention"
+SMALL_FILE = 16 * 1024 * 1024  # model files up to this size are hashed whole, larger ones by name and size
+
+
+def folder_fingerprint(folder: Optional[Path]) -> Optional[str]:
+    """Identity of a model folder: the content of its small files (config, tokenizer,
+    templates) and the name and size of the large ones (weights), which stay the same when
+    the folder is downloaded again into a fresh cache."""
+    if folder is None:
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
+        if size <= SMALL_FILE:
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def cache_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    """A one-turn conversation as training and serving tokenize it, up to the answer."""
+    from ..data.encoding import encode_chat
+
+    return encode_chat(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True).ids
+
+
+def replay_sample(prompt: list[int], answer: list[int], limits: LengthLimits) -> Optional[Sample]:
+    """The base model's own answer as a training sample (answer tokens trained, within the job's length limits)."""
+    (prompt, answer), *_ = truncate_turns([(prompt, answer)], limits)
+    if not answer:
+        return None
+    return Sample(prompt + answer, [IGNORE] * len(prompt) + answer)
+
+
+@contextlib.contextmanager
+def base_behaviour(model):
+    """Prompt-learning adapters (ptuning, prompt) start from random virtual tokens, so the
+    base model answers with them switched off; LoRA starts as an exact no-op (and a
+    continued quantized adapter is part of the starting model), so nothing changes there."""
+    config = getattr(model, "peft_config", None)
+    if config and getattr(next(iter(config.values())), "is_prompt_learning", False):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+@dataclass
+class BaseAnswers:
+    replay: list[Answer]
+    probes: list[str]
+    cached: bool
+    seconds: float = 0.0
+
+
+@dataclass
+class Retention:
+    spec: RetentionSpec
+    sets: RetentionSets
+    base: Optional[BaseAnswers] = None
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def plan(cls, job: FineTuneJob, train_samples: int, cache_dir: Path, base_dir=None) -> Optional["Retention"]:
+        """The job's prompt sets, read and checked before any model file is fetched; None without spec.retention."""
+        spec = job.spec.retention
+        if spec is None:
+            return None
+        sets = plan_sets(spec, train_samples, job.spec.training.seed, cache_dir, base_dir, job.spec.storage.endpoint)
+        if len(sets.replay) < sets.wanted:
+            log.warning(
+                "retention.replay.ratio %s asks for %d replay samples but only %d prompts are available: replaying %d "
+                "(more prompts with retention.replay.uri)", spec.replay.ratio, sets.wanted, len(sets.replay), len(sets.replay),
+            )  # fmt: skip
+        return cls(spec, sets)
+
+    def key(self, job: FineTuneJob, tokenizer, model_dir: Path, adapter_dir: Optional[Path], precision: str) -> str:
+        spec = job.spec
+        method = spec.method.settings()
+        return cache_key({
+            "version": GENERATION_VERSION,
+            "model": folder_fingerprint(model_dir),
+            "adapter": folder_fingerprint(adapter_dir),
+            "quantization": getattr(method, "bits", None) if spec.method.type == "qlora" else None,
+            "precision": precision,
+            "chat_template": tokenizer.chat_template,
+            "replay": self.sets.replay,
+            "probes": [p.question for p in self.sets.probes],
+            "replay_max_new_tokens": self.spec.replay.max_new_tokens,
+            "probe_max_new_tokens": self.spec.probes.max_new_tokens,
+            "batch_size": self.spec.batch_size,
+        })  # fmt: skip
+
+    def prepare(self, store, key: str, tokenizer, build: Callable[[], object], ds_config: dict, rank: int, world: int, device) -> BaseAnswers:
+        """The base model's answers: from the cache, else generated on every rank (rank 0 writes the cache)."""
+        name = f"{CACHE_PREFIX}/base-answers-{key}.json"
+        self.base = self._read(store, name)
+        if self.base is None:
+            started = time.monotonic()
+            with generation_model(build, ds_config, world) as (model, synced), base_behaviour(model):
+                replay = self._answer(model, tokenizer, self.sets.replay, self.spec.replay.max_new_tokens, rank, world, synced, device)
+                probes = self._answer(model, tokenizer, [p.question for p in self.sets.probes], self.spec.probes.max_new_tokens, rank, world, synced, device)
+            self.base = BaseAnswers(replay, [a.text for a in probes], cached=False, seconds=round(time.monotonic() - started, 3))
+            if rank == 0:
+                store.put_bytes(name, self._document(key))
+        self.info = {
+            "replay_prompts": len(self.sets.replay),
+            "replay_finished": sum(a.finished for a in self.base.replay),
+            "probes": len(self.sets.probes),
+            "cached": self.base.cached,
+            "seconds": self.base.seconds,
+            "cache": f"{store.root}/{name}",
+        }
+        return self.base
+
+    def _answer(self, model, tokenizer, questions: list[str], max_new_tokens: int, rank: int, world: int, synced: bool, device) -> list[Answer]:
+        prompts = [prompt_ids(tokenizer, q) for q in questions]
+        return answer_all(model, tokenizer, prompts, max_new_tokens, self.spec.batch_size, rank, world, synced, device)
+
+    def _document(self, key: str) -> bytes:
+        base = self.base
+        return json.dumps(
+            {
+                "key": key,
+                "replay": [{"prompt": p, "answer": a.text, "ids": a.ids, "finished": a.finished} for p, a in zip(self.sets.replay, base.replay)],
+                "probes": [{"question": p.question, "answer": a} for p, a in zip(self.sets.probes, base.probes)],
+            },
+            ensure_ascii=False,
+            indent=1,
+        ).encode()
+
+    def _read(self, store, name: str) -> Optional[BaseAnswers]:
+        try:
+            document = json.loads(store.get_bytes(name))
+            replay = [Answer(list(r["ids"]), r["answer"], bool(r["finished"])) for r in document["replay"]]
+            probes = [r["answer"] for r in document["probes"]]
+            same = [r["prompt"] for r in document["replay"]] == self.sets.replay and [r["question"] for r in document["probes"]] == [
+                p.question for p in self.sets.probes
+            ]
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as err:
+            log.warning("ignoring the unreadable retention cache %s/%s (answering again): %s", store.root, name, err)
+            return None
+        if not same:
+            log.warning("ignoring the retention cache %s/%s: its prompts differ (answering again)", store.root, name)
+            return None
+        log.info("base-model answers for retention read from %s/%s", store.root, name)
+        return BaseAnswers(replay, probes, cached=True)
+
+    def replay_samples(self, tokenizer, limits: LengthLimits) -> list[Sample]:
+        samples = [replay_sample(prompt_ids(tokenizer, p), a.ids, limits) for p, a in zip(self.sets.replay, self.base.replay)]
+        samples = [s for s in samples if s is not None]
+        self.info["samples"] = len(samples)
+        return samples
+
+    def measure(self, model, tokenizer, rank: int, world: int, synced: bool, device) -> dict:
+        """The tuned model answers the probes; the report compares them with the base's answers."""
+        started = time.monotonic()
+        tuned = self._answer(model, tokenizer, [p.question for p in self.sets.probes], self.spec.probes.max_new_tokens, rank, world, synced, device)
+        report = retention_report(self.sets.probes, self.base.probes, [a.text for a in tuned], self.spec.probes.warn_below)
+        report["replay"] = {**self.info, "ratio": self.spec.replay.ratio, "excluded_prompts": self.sets.excluded}
+        report["probe_seconds"] = round(time.monotonic() - started, 3)
+        return report
