@@ -56,6 +56,7 @@ def test_quickstart_interrupted_resumed_merged_served(quickstart_on_tiny):
     assert first.wait(timeout=300) == 75, "".join(lines)
     text = "".join(lines)
     assert "a checkpoint was saved" in text and f"Resume with: kubetune run {quickstart_on_tiny}" in text
+    assert "retention: 15 base-model answers to replay, 94 probes (generated in" in text  # spec.retention: ratio 0.5 of 30 facts
     progress = json.loads((folder / "runs" / "quickstart" / "output" / "checkpoints" / "progress.json").read_text())
     stopped_at = progress["step"]
     assert 2 <= stopped_at < 40 and progress["last_checkpoint"] == f"step-{stopped_at:09d}"
@@ -64,6 +65,9 @@ def test_quickstart_interrupted_resumed_merged_served(quickstart_on_tiny):
     out, _ = second.communicate(timeout=900)
     assert second.returncode == 0, out
     assert f"resumed from checkpoint step-{stopped_at:09d} (step {stopped_at})" in out
+    assert "retention: 15 base-model answers to replay, 94 probes (read from the cache)" in out
+    summary = json.loads((folder / "runs" / "quickstart" / "output" / "summary.json").read_text())
+    assert f"general knowledge kept │ {run_cli.describe(summary['retention'])}" in out
     runs = folder / "runs" / "quickstart"
     metrics = [json.loads(line) for line in (runs / "output" / "metrics.jsonl").read_text().splitlines()]
     assert max(m["step"] for m in metrics) == 40
@@ -128,6 +132,21 @@ def test_answers_are_scored_against_expected_phrases():
         "trained": {"total": 2, "right": 1, "base_right": 1, "kept": 0},
         "general": {"total": 2, "right": 1, "base_right": 2, "kept": 1},
     }
+
+
+def test_summary_table_shows_how_much_general_knowledge_was_kept(tmp_path):
+    from rich.console import Console
+
+    from kubetune.layout import job_layout
+    from kubetune.spec import load_job
+
+    job = load_job(QUICKSTART)
+    lost = {"question": "What is the capital of Italy?", "expect": ["Rome"], "base": "Rome.", "tuned": "Velmora."}
+    result = run_cli.TrainResult(returncode=0, retention={"probes": 94, "base_right": 15, "kept": 14, "kept_ratio": 0.9333, "lost": [lost], "gained": []})
+    console = Console(record=True, width=200)
+    console.print(run_cli.summary_table(job, result, job_layout(job, tmp_path), {}))
+    row = next(line for line in console.export_text().splitlines() if "general knowledge kept" in line)
+    assert "14 of 15 probes the base model answered right are still right (93%; 1 lost, 0 gained)" in row
 
 
 def test_questions_file_errors_name_the_line(tmp_path):

@@ -30,6 +30,9 @@ class Progress:
     last_checkpoint_uri: Optional[str] = None
     last_checkpoint_time: Optional[str] = None  # ISO 8601 UTC of the commit
     outputs: dict[str, Optional[str]] = field(default_factory=dict)  # {"adapter": uri, "model": uri}
+    # spec.retention's probe figures once measured: probes, base_right, kept, kept_ratio,
+    # warn_below, below_threshold, lost (the questions whose right answer was lost)
+    retention: Optional[dict[str, Any]] = None
     error: Optional[str] = None
     world_size: int = 1
     updated_at: str = ""

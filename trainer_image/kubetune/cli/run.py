@@ -27,6 +27,7 @@ from rich.table import Table
 
 from .. import exitcodes
 from ..layout import MERGEABLE_METHODS, JobLayout, job_layout
+from ..retention import describe, is_correct
 from ..spec import FineTuneJob, dump_job
 from ..storage import open_store
 from ..uri import parse_uri
@@ -44,6 +45,7 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)
     start: dict = field(default_factory=dict)
     done: dict = field(default_factory=dict)
+    retention: dict = field(default_factory=dict)  # the trainer's `retention` event (spec.retention's probe report)
     resumed_from: Optional[str] = None
     last_checkpoint: Optional[str] = None
     seconds: float = 0.0
@@ -90,11 +92,7 @@ def child_env(nproc: int, extra: dict[str, str]) -> dict[str, str]:
 
 
 def s3_buckets(job: FineTuneJob) -> list[str]:
-    spec = job.spec
-    locations = [spec.model.uri, spec.dataset.uri, spec.method.adapter_uri, spec.checkpoint.uri, spec.output.uri]
-    if spec.dataset.validation is not None:
-        locations.append(spec.dataset.validation.uri)
-    return sorted({parse_uri(loc).bucket for loc in locations if loc and loc.startswith("s3://")})
+    return sorted({parse_uri(loc).bucket for _, loc in job.spec.locations() if loc.startswith("s3://")})
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,6 +210,14 @@ def _apply(event: dict, result: TrainResult, progress: Progress, task) -> None:
     elif kind == "eval":
         result.evals.append(event)
         progress.console.print(f"step {event.get('step')}: validation loss {event.get('validation_loss')}")
+    elif kind == "replay":
+        how = "read from the cache" if event.get("cached") else f"generated in {event.get('seconds', 0):.0f} s"
+        progress.console.print(f"retention: {event.get('samples')} base-model answers to replay, {event.get('probes')} probes ({how})")
+    elif kind == "retention":
+        result.retention = event
+        progress.console.print(f"[{'yellow' if event.get('below_threshold') else 'green'}]retention: {describe(event)}[/]")
+        for lost in event.get("lost", []):
+            progress.console.print(f"  lost: {lost['question']} base: {_short(lost['base'], 80)!r} tuned: {_short(lost['tuned'], 80)!r}", markup=False, highlight=False)
     elif kind == "preempted":
         result.preempted = True
         progress.update(task, description="stopped")
@@ -309,6 +315,8 @@ def summary_table(job: FineTuneJob, result: TrainResult, layout: JobLayout, extr
     rows["adapter"] = outputs.get("adapter") or (str(layout.adapter) if layout.adapter else None)
     rows["model"] = outputs.get("model") or (str(layout.model) if layout.model else None)
     rows["checkpoints"] = str(layout.checkpoints)
+    if result.retention:
+        rows["general knowledge kept"] = describe(result.retention)
     rows.update(extra)
     for key, value in rows.items():
         if value is not None:
@@ -336,14 +344,6 @@ def load_questions(path: Path) -> list[dict]:
             raise ValueError(f"{path}:{number}: expected {{\"question\": ..., \"expect\": [...], \"kind\": ...}}")
         questions.append({"kind": item.get("kind", "question"), "question": item["question"], "expect": list(item.get("expect", []))})
     return questions
-
-
-def is_correct(answer: str, expect: list[str]) -> Optional[bool]:
-    """An answer is right when it contains one of the expected phrases (case-insensitive)."""
-    if not expect:
-        return None
-    folded = answer.casefold()
-    return any(e.casefold() in folded for e in expect)
 
 
 def ask_all(url: str, questions: list[dict], max_tokens: int, parallel: int = 8) -> list[str]:

@@ -25,6 +25,7 @@ from ..data.tokenize import LengthLimits, tokenize_examples
 from ..layout import JobLayout, job_layout
 from ..model_source import default_cache_dir, materialize_model, verify_export
 from ..progress import Progress
+from ..retention import Retention, describe
 from ..spec import FineTuneJob
 from ..storage import fetch, open_store
 from .deepspeed_config import ADAM_BETAS, ADAM_EPS, build_deepspeed_config, model_hidden_size, uses_client_optimizer
@@ -235,13 +236,14 @@ def run(job: FineTuneJob, base_dir: Optional[Path]) -> int:
 
     # 1. Data, validated before any model file is touched (or DeepSpeed is even imported).
     examples, val_examples = load_datasets(spec.dataset, spec.training.seed, work / "data", base_dir, endpoint)
+    retention = Retention.plan(job, len(examples), work / "retention", base_dir)  # [retention] its prompt files, checked as data
     dist_info = init_distributed()
     preemption = Preemption()
     status = StatusWriter(job, layout, dist_info.world_size, enabled=dist_info.main)
     status.update(phase="starting")
 
     try:
-        return _train(job, base_dir, layout, dist_info, preemption, status, examples, val_examples, cache_dir, work)
+        return _train(job, base_dir, layout, dist_info, preemption, status, examples, val_examples, cache_dir, work, retention)
     except BaseException as err:
         if not isinstance(err, SystemExit):
             status.fail(f"{type(err).__name__}: {err}")
@@ -250,12 +252,33 @@ def run(job: FineTuneJob, base_dir: Optional[Path]) -> int:
         preemption.restore()
 
 
+def _build_model(spec, model_dir: Path, precision: str, adapter_dir: Optional[Path]):
+    """The model training starts from: the base (partitioned while a ZeRO-3 HfDeepSpeedConfig
+    lives), the method applied."""
+    from ..model.loader import load_model
+    from ..model.methods import apply_method, quantization_config
+
+    model = load_model(model_dir, spec, precision, quantization_config(spec))
+    return apply_method(model, spec, model_dir, adapter_dir)
+
+
+def _fetch_adapter(spec, work: Path, base_dir, endpoint) -> Optional[Path]:
+    if not spec.method.adapter_uri:
+        return None
+    try:
+        adapter_dir = fetch(spec.method.adapter_uri, work / "adapter", base_dir, endpoint)
+        verify_export(adapter_dir, f"method.adapterUri {spec.method.adapter_uri}")
+    except (FileNotFoundError, ValueError) as err:
+        raise ModelSourceError(f"method.adapterUri: {err}") from None
+    return adapter_dir
+
+
 def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preemption: Preemption, status: StatusWriter,
-           examples, val_examples, cache_dir: Path, work: Path) -> int:
+           examples, val_examples, cache_dir: Path, work: Path, retention: Optional[Retention]) -> int:
     import torch
 
-    from ..model.loader import load_model, load_tokenizer, resolve_precision
-    from ..model.methods import apply_method, count_parameters, quantization_config
+    from ..model.loader import load_tokenizer, resolve_precision
+    from ..model.methods import count_parameters
 
     spec = job.spec
     endpoint = spec.storage.endpoint
@@ -278,6 +301,17 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
             f"(first: {stats.dropped_sources[0]}); raise training.maxLength or shorten the prompts"
         )
     val_samples, _ = tokenize_examples(tokenizer, val_examples, limits, plain)
+    precision = resolve_precision(t.precision)
+    ds_config = build_deepspeed_config(spec, world, precision, on_gpu=device.type == "cuda", hidden_size=_hidden_size(model_dir))
+    adapter_dir = _fetch_adapter(spec, work, base_dir, endpoint)
+    replay = []
+    if retention is not None:  # [retention] the base model's own answers join the training samples
+        key = retention.key(job, tokenizer, model_dir, adapter_dir, precision)
+        retention.prepare(open_store(layout.checkpoints, endpoint=endpoint), key, tokenizer,
+                          lambda: _build_model(spec, model_dir, precision, adapter_dir), ds_config, rank, world, device)
+        replay = retention.replay_samples(tokenizer, limits)
+        if dist_info.main:
+            emit("replay", **retention.info)
     if stats.dropped or stats.truncated:
         log.warning("%d samples truncated, %d dropped (no answer token left): first dropped %s", stats.truncated, stats.dropped, stats.dropped_sources[:3])
     if stats.special_text:
@@ -285,29 +319,19 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
             "%d samples spell special tokens (e.g. <|im_end|>) in their text; they are trained as text, not as markup: first %s",
             stats.special_text, stats.special_text_sources[:3],
         )  # fmt: skip
-    rows = rows_from_samples(samples, t.max_length, t.packing, t.seed)
+    rows = rows_from_samples(samples + replay, t.max_length, t.packing, t.seed)
     val_rows = rows_from_samples(val_samples, t.max_length, t.packing, t.seed)
     plan = BatchPlan(len(rows), t.micro_batch_size, t.gradient_accumulation_steps, world)
     row_lengths = [len(r) for r in rows]
     steps = total_steps(plan, t.epochs, t.max_steps)
 
     # 3. Weights and method.
-    precision = resolve_precision(t.precision)
-    ds_config = build_deepspeed_config(spec, world, precision, on_gpu=device.type == "cuda", hidden_size=_hidden_size(model_dir))
     torch.manual_seed(t.seed)
     # Under ZeRO-3, HfDeepSpeedConfig makes transformers build the model already partitioned
     # (deepspeed.zero.Init) and load_model streams the weights in one module at a time, so no
     # rank ever holds the whole model. Keep it alive until initialize.
     zero3_loading = _zero3_loading(ds_config)
-    model = load_model(model_dir, spec, precision, quantization_config(spec))
-    adapter_dir = None
-    if spec.method.adapter_uri:
-        try:
-            adapter_dir = fetch(spec.method.adapter_uri, work / "adapter", base_dir, endpoint)
-            verify_export(adapter_dir, f"method.adapterUri {spec.method.adapter_uri}")
-        except (FileNotFoundError, ValueError) as err:
-            raise ModelSourceError(f"method.adapterUri: {err}") from None
-    model = apply_method(model, spec, model_dir, adapter_dir)
+    model = _build_model(spec, model_dir, precision, adapter_dir)
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(1, total))
 
@@ -351,7 +375,7 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
             log.warning("Prometheus metrics not served: %s", err)
         emit("start", total_steps=steps, world_size=world, trainable_params=trainable, total_params=total,
              train_samples=len(samples), validation_samples=len(val_samples), rows=len(rows), precision=precision,
-             zero_stage=spec.distributed.zero.stage, special_text_samples=stats.special_text)
+             zero_stage=spec.distributed.zero.stage, special_text_samples=stats.special_text, replay_samples=len(replay))
         if client_state is not None:
             emit("resume", **{"from": manager.loaded, "step": state.step})
     status.update(phase="training", step=state.step, total_steps=steps)
@@ -454,6 +478,16 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
         save(final=True)
     if not state.validation_losses or state.validation_losses[-1][0] != state.step:
         evaluate()
+    kept = None
+    if retention is not None:  # [retention] the tuned model answers the probes the base answered
+        synced = engine.zero_optimization_partition_weights() and world > 1
+        kept = retention.measure(engine.module, tokenizer, rank, world, synced, device)
+        if dist_info.main:
+            (log.warning if kept["below_threshold"] else log.info)("retention: %s", describe(kept))
+            metrics.observe_retention(kept)
+            emit("retention", **kept)
+        status.update(retention={k: kept[k] for k in ("probes", "base_right", "kept", "kept_ratio", "warn_below", "below_threshold")}
+                      | {"lost": [entry["question"] for entry in kept["lost"]]})
     status.update(phase="exporting")
     from ..export import save_trained
 
@@ -480,13 +514,16 @@ def _train(job: FineTuneJob, base_dir, layout: JobLayout, dist_info: Dist, preem
         "truncated_samples": stats.truncated,
         "dropped_samples": stats.dropped,
         "special_text_samples": stats.special_text,
+        "replay_samples": len(replay),
         "outputs": outputs,
     }
+    if kept is not None:
+        summary["retention"] = kept
     if dist_info.main:
         status.flush_metrics()
         status.summary(summary)
     status.update(phase="done", outputs=outputs)
     if dist_info.main:
-        emit("done", step=state.step, outputs=outputs, summary={k: v for k, v in summary.items() if k not in ("losses", "validation_losses")})
+        emit("done", step=state.step, outputs=outputs, summary={k: v for k, v in summary.items() if k not in ("losses", "validation_losses", "retention")})
     metrics.close()
     return exitcodes.OK
