@@ -28,7 +28,7 @@ def test_off_unless_set_and_defaults_when_empty(tmp_path):
     assert load_job(write(tmp_path, "")).spec.retention is None
     retention = load_job(write(tmp_path, "  retention: {}\n")).spec.retention
     assert (retention.replay.ratio, retention.replay.uri, retention.replay.max_new_tokens) == (0.5, None, 96)
-    assert (retention.probes.uri, retention.probes.max_new_tokens, retention.probes.warn_below, retention.batch_size) == (None, 48, 0.9, 16)
+    assert (retention.probes.uri, retention.probes.max_new_tokens, retention.probes.warn_below, retention.batch_size) == (None, 32, 0.9, 16)
 
 
 def test_a_text_job_is_refused_at_the_retention_line(tmp_path):

@@ -323,7 +323,7 @@ class ProbeSpec(SpecModel):
         "an answer is right when it contains one of the expected phrases (case-insensitive). Default: KubeTune's "
         "held-out set of general questions in English and Chinese.",
     )
-    max_new_tokens: StrictInt = Field(48, ge=1, le=4096, description="Longest probe answer in tokens.")
+    max_new_tokens: StrictInt = Field(32, ge=1, le=4096, description="Longest probe answer in tokens (a right answer names its fact early; longer answers cost time twice).")
     warn_below: StrictFloat = Field(
         0.9,
         ge=0.0,
