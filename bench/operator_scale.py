@@ -183,7 +183,7 @@ def run_operator_phase(docs: list[dict], nodes: int, seaweed, workdir: Path, tim
     try:
         asyncio.run(_create_secret(cluster.url, seaweed))
         live_port = free_port()
-        env = bench_env(1, KUBETUNE_API_SERVER=cluster.url, KUBETUNE_OPERATOR_LIVENESS_PORT=str(live_port), KUBETUNE_OPERATOR_METRICS_PORT=str(free_port()))
+        env = bench_env(1, KUBECONFIG=str(cluster.kubeconfig), KUBETUNE_OPERATOR_LIVENESS_PORT=str(live_port), KUBETUNE_OPERATOR_METRICS_PORT=str(free_port()))
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
             env.pop(key, None)  # the operator must read the keys from the Secret, as in a cluster
         proc = subprocess.Popen([sys.executable, "-m", "kubetune_operator"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)

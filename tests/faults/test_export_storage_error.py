@@ -110,7 +110,7 @@ def test_failed_export_is_not_success_and_a_restart_exports_without_retraining(t
 def test_operator_does_not_call_a_storage_error_success(tmp_path):
     cluster = Cluster(tmp_path).start()
     api, kubectl = harness.Api(cluster.url), harness.Kubectl(cluster, tmp_path)
-    os.environ["KUBETUNE_API_SERVER"] = cluster.url
+    os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
     operator = harness.Operator(cluster, harness_settings()).start()
     try:
         api.create_secret("s3-credentials", {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"})
@@ -125,7 +125,7 @@ def test_operator_does_not_call_a_storage_error_success(tmp_path):
         assert "qa-bot-merge" not in cluster.objects("pods")
     finally:
         operator.stop()
-        os.environ.pop("KUBETUNE_API_SERVER", None)
+        os.environ.pop("KUBECONFIG", None)
         cluster.stop()
 
 

@@ -36,7 +36,7 @@ def wait_for(predicate, what: str):
 class OperatorProcess:
     def __init__(self, cluster, workdir):
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        self.env.update(KUBETUNE_API_SERVER=cluster.url, KUBETUNE_RECONCILE_INTERVAL="0.3", KUBETUNE_TRAINER_IMAGE="kubetune/trainer:test")
+        self.env.update(KUBECONFIG=str(cluster.kubeconfig), KUBETUNE_RECONCILE_INTERVAL="0.3", KUBETUNE_TRAINER_IMAGE="kubetune/trainer:test")
         self.workdir = workdir
         self.proc = None
         self.kills = 0

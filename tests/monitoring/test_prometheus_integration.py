@@ -149,7 +149,7 @@ def recorded(tmp_path_factory, tiny_model_dir, seaweed):
              {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials", "namespace": NAMESPACE}, "data": secret})
         rest(cluster, "POST", f"/apis/kubetune.io/v1alpha1/namespaces/{NAMESPACE}/finetunejobs", job_document(seaweed))
         operator_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        operator_env.update(KUBETUNE_API_SERVER=cluster.url, KUBETUNE_OPERATOR_METRICS_PORT=str(operator_port),
+        operator_env.update(KUBECONFIG=str(cluster.kubeconfig), KUBETUNE_OPERATOR_METRICS_PORT=str(operator_port),
                             KUBETUNE_OPERATOR_LIVENESS_PORT=str(liveness_port), KUBETUNE_RECONCILE_INTERVAL="0.5")
         operator = subprocess.Popen([sys.executable, "-m", "kubetune_operator"], env=operator_env, cwd=work,
                                     stdout=open(work / "operator.log", "wb"), stderr=subprocess.STDOUT)

@@ -35,7 +35,7 @@ def operator_settings() -> Settings:
 
 @pytest.fixture
 def operator(cluster, operator_settings, monkeypatch):
-    monkeypatch.setenv("KUBETUNE_API_SERVER", cluster.url)
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
     op = Operator(cluster, operator_settings).start()
     yield op
     op.stop()

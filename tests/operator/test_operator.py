@@ -208,7 +208,7 @@ def test_a_new_job_whose_children_partly_exist_gets_them_right(operator, cluster
 def test_new_jobs_restarts_and_spec_changes_are_reconciled_without_waiting_for_the_timer(cluster, api, kubectl, operator_settings, monkeypatch):
     # An hour between timer runs: within this test's waits only the immediate paths can act
     # (the timer's first run when the operator sees a job, and the spec-change handler).
-    monkeypatch.setenv("KUBETUNE_API_SERVER", cluster.url)
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
     operator = Operator(cluster, dataclasses.replace(operator_settings, reconcile_interval=3600)).start()
     try:
         start_job(api, kubectl, cluster)  # a new job gets its children

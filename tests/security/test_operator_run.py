@@ -77,7 +77,7 @@ def life(tmp_path_factory):
     root.addHandler(records)
     old_level = root.level
     root.setLevel(logging.DEBUG)
-    os.environ["KUBETUNE_API_SERVER"] = cluster.url
+    os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
     operator = harness.Operator(cluster, settings).start()
 
     def wait_for(predicate, what):
@@ -134,7 +134,7 @@ def life(tmp_path_factory):
         operator.stop()
         root.removeHandler(records)
         root.setLevel(old_level)
-        os.environ.pop("KUBETUNE_API_SERVER", None)
+        os.environ.pop("KUBECONFIG", None)
         cluster.stop()
         s3.stop()
 
@@ -182,7 +182,7 @@ def operator_calls(requests) -> set[tuple[str, str, str]]:
     sent (kubectl and the test's own urllib calls stand for the user and the kubelet)."""
     calls = set()
     for method, resource, sub, name, params, agent in requests:
-        if resource is None or resource.plural is None or not (agent.startswith("kopf/") or "aiohttp" in agent):
+        if resource is None or resource.plural is None or not (agent.startswith("kopf/") or "httpx" in agent):
             continue  # discovery (non-resource URLs) or not the operator
         verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete" if name else "deletecollection"}.get(method)
         if method == "GET":
@@ -215,7 +215,7 @@ def test_the_client_declares_every_call_it_makes(life):
     from kubetune_operator.kube import CALLS
 
     declared = declared_calls(CALLS)
-    by_client = {c for c in operator_calls([r for r in life["requests"] if "aiohttp" in r[5]])}
+    by_client = {c for c in operator_calls([r for r in life["requests"] if "httpx" in r[5]])}
     assert sorted(by_client - declared) == []
 
 
