@@ -55,8 +55,14 @@ class KubeApi:
         return cls(plane.server, plane.ssl_context())
 
     @classmethod
+    def node_agent(cls, plane: ControlPlane) -> "KubeApi":
+        """As the node agents (group system:nodes, left out of the audit log)."""
+        return cls(plane.server, plane.ssl_context("node-agent"))
+
+    @classmethod
     def with_token(cls, plane: ControlPlane, token_file: Path) -> "KubeApi":
-        return cls(plane.server, plane.ssl_context(admin=False), token_file)
+        """With the bearer token in `token_file` and no client certificate."""
+        return cls(plane.server, plane.ssl_context(None), token_file)
 
     def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
                 params: Optional[dict[str, Any]] = None, timeout: float = 30) -> Any:  # fmt: skip
@@ -136,21 +142,26 @@ def create_namespace(api: KubeApi, name: str, labels: Optional[dict[str, str]] =
 
 
 def request_token(api: KubeApi, namespace: str, service_account: str, audiences: tuple[str, ...] = (),
-                  expiration_seconds: int = 3600) -> dict:  # fmt: skip
-    """A bound ServiceAccount token from the TokenRequest API (status: token, expirationTimestamp)."""
-    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-            "spec": {"audiences": list(audiences), "expirationSeconds": expiration_seconds}}  # fmt: skip
+                  expiration_seconds: int = 3600, bound_object: Optional[dict] = None) -> dict:  # fmt: skip
+    """A ServiceAccount token from the TokenRequest API (status: token, expirationTimestamp),
+    bound to `bound_object` ({"kind": "Secret"|"Pod", "apiVersion": "v1", "name", "uid"}) if
+    given: deleting that object invalidates the token at once."""
+    spec: dict[str, Any] = {"audiences": list(audiences), "expirationSeconds": expiration_seconds}
+    if bound_object is not None:
+        spec["boundObjectRef"] = bound_object
+    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
     return api.create(f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token", body)["status"]
 
 
 def write_service_account_files(api: KubeApi, plane: ControlPlane, namespace: str, service_account: str, directory: Path,
-                                audiences: tuple[str, ...] = (), expiration_seconds: int = 3600) -> Path:  # fmt: skip
+                                audiences: tuple[str, ...] = (), expiration_seconds: int = 3600,
+                                bound_object: Optional[dict] = None) -> Path:  # fmt: skip
     """Write `token`, `ca.crt` and `namespace` into `directory` the way the kubelet fills a
     projected ServiceAccount volume (/var/run/secrets/kubernetes.io/serviceaccount): each file
     replaced atomically, so calling it again rotates the token under a running reader.
     (The API server's minimum expiration is 600 s.) Returns `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    token = request_token(api, namespace, service_account, audiences, expiration_seconds)["token"]
+    token = request_token(api, namespace, service_account, audiences, expiration_seconds, bound_object)["token"]
     for name, content in (("token", token), ("ca.crt", plane.ca_file.read_text()), ("namespace", namespace)):
         staged = directory / f".{name}.{uuid.uuid4().hex}"
         staged.write_text(content)
@@ -213,10 +224,10 @@ def kubectl(control_plane, kube_namespace, tmp_path) -> Kubectl:
 
 
 @pytest.fixture
-def node_agent(control_plane, kube_api, kube_namespace, tmp_path):
+def node_agent(control_plane, kube_namespace, tmp_path):
     from node_agent import NodeAgent
 
-    agent = NodeAgent(kube_api, control_plane, tmp_path / "node", base_env=dict(os.environ)).start()
+    agent = NodeAgent(KubeApi.node_agent(control_plane), control_plane, tmp_path / "node", base_env=dict(os.environ)).start()
     yield agent
     agent.stop()
     assert not agent.errors, agent.errors

@@ -50,6 +50,17 @@ CONTROLLERS = (
     "endpointslice-controller", "node-lifecycle-controller", "pod-garbage-collector-controller",
 )  # fmt: skip
 
+# What the audit log records: every request at level Metadata (who, verb, object, response
+# code, user agent) once answered, except the control plane's own traffic and the node agents'.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
+    "rules": [
+        {"level": "None", "users": ["system:kube-controller-manager", "system:kube-scheduler", "system:apiserver"]},
+        {"level": "None", "userGroups": ["system:nodes", "system:serviceaccounts:kube-system"]},
+        {"level": "Metadata"},
+    ],
+}  # fmt: skip
+
 
 class ClusterError(RuntimeError):
     """A component did not come up; the message ends with its last log lines."""
@@ -89,22 +100,21 @@ def _certificate(subject: x509.Name, key, issuer: Optional[x509.Certificate], is
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def _name(common: str, organization: Optional[str] = None) -> x509.Name:
-    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common)]
-    if organization:
-        attrs.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
-    return x509.Name(attrs)
+def _name(common: str, *organizations: str) -> x509.Name:
+    """A subject: Kubernetes reads the user from CN and the groups from each O."""
+    return x509.Name([*(x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in organizations), x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
 def make_pki(pki: Path) -> None:
-    """The CA, the certificates and the ServiceAccount key pair, unless pki/ already has them."""
-    if (pki / "done").exists():
-        return
+    """The CA, the certificates and the ServiceAccount key pair: each one that pki/ lacks."""
     pki.mkdir(parents=True, exist_ok=True)
-    ca_key = _key()
-    ca = _certificate(_name("kubetune-local-ca"), ca_key, None, ca_key, ca=True)
-    _write_key(pki / "ca.key", ca_key)
-    (pki / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    if not (pki / "ca.crt").exists():
+        ca_key = _key()
+        _write_key(pki / "ca.key", ca_key)
+        ca = _certificate(_name("kubetune-local-ca"), ca_key, None, ca_key, ca=True)
+        (pki / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
     service_ip = str(next(ipaddress.ip_network(SERVICE_CIDR).hosts()))  # the `kubernetes` Service's ClusterIP
     sans = ("127.0.0.1", service_ip, "localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
             "kubernetes.default.svc.cluster.local")  # fmt: skip
@@ -112,18 +122,23 @@ def make_pki(pki: Path) -> None:
         # One serving certificate for every component on 127.0.0.1 (and the node agents).
         "serving": (_name("kubetune-local-serving"), ExtendedKeyUsageOID.SERVER_AUTH, sans),
         "admin": (_name("kubetune-admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH, ()),
+        # The test node agents: a node's name and group (the audit policy leaves them out), and
+        # system:masters instead of the Node authorizer.
+        "node-agent": (_name("system:node:kubetune-node-agent", "system:nodes", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH, ()),
         # How kube-apiserver authenticates to node agents (for pods/log).
         "apiserver-kubelet-client": (_name("kube-apiserver-kubelet-client", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH, ()),
     }
     for stem, (subject, usage, names) in issued.items():
+        if (pki / f"{stem}.crt").exists():
+            continue
         key = _key()
         _write_key(pki / f"{stem}.key", key)
         cert = _certificate(subject, key, ca, ca_key, usage=usage, sans=names)
         (pki / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    sa_key = _key()
-    _write_key(pki / "sa.key", sa_key)
-    (pki / "sa.pub").write_bytes(sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    (pki / "done").touch()
+    if not (pki / "sa.pub").exists():
+        sa_key = _key()
+        _write_key(pki / "sa.key", sa_key)
+        (pki / "sa.pub").write_bytes(sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
 def free_port() -> int:
@@ -166,12 +181,18 @@ class ControlPlane:
     def ca_file(self) -> Path:
         return self.pki / "ca.crt"
 
-    def ssl_context(self, admin: bool = True) -> ssl.SSLContext:
-        """Verifies the components' serving certificate; presents the admin certificate unless
-        `admin` is False (a client that authenticates with a bearer token instead)."""
+    @property
+    def audit_log(self) -> Path:
+        """The API server's audit log (JSON lines, level Metadata, the control plane's own
+        components and the node agents left out: see AUDIT_POLICY)."""
+        return self.root / "logs" / "audit.log"
+
+    def ssl_context(self, client: Optional[str] = "admin") -> ssl.SSLContext:
+        """Verifies the components' serving certificate and presents a client certificate of
+        pki/: "admin", "node-agent", or None (a client that authenticates with a bearer token)."""
         context = ssl.create_default_context(cafile=str(self.ca_file))
-        if admin:
-            context.load_cert_chain(self.pki / "admin.crt", self.pki / "admin.key")
+        if client:
+            context.load_cert_chain(self.pki / f"{client}.crt", self.pki / f"{client}.key")
         return context
 
     # -- up / down
@@ -188,6 +209,7 @@ class ControlPlane:
         self.ports = Ports.pick()
         (self.root / "ports.json").write_text(json.dumps(self.ports.__dict__))
         self._write_kubeconfig()
+        (self.root / "audit-policy.yaml").write_text(yaml.safe_dump(AUDIT_POLICY))
         deadline = time.monotonic() + timeout
         try:
             # kube-apiserver waits for etcd by itself; the controllers need the API server first.
@@ -305,6 +327,8 @@ class ControlPlane:
                 "--kubelet-preferred-address-types=InternalIP", f"--kubelet-certificate-authority={pki / 'ca.crt'}",
                 f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
                 f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+                f"--audit-policy-file={self.root / 'audit-policy.yaml'}", f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json", "--audit-log-mode=blocking",
                 "--profiling=false",
             ]  # fmt: skip
         common = [f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--bind-address=127.0.0.1", *serving, "--profiling=false"]

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from kube_harness import KUBECTL, ApiError, KubeApi, Kubectl, write_service_account_files
+from kube_harness import KUBECTL, ApiError, KubeApi, Kubectl, wait_for, write_service_account_files
 from localcluster import COMPONENTS, REPO, ControlPlane
 
 pytestmark = pytest.mark.timeout(300)
@@ -100,3 +100,21 @@ def test_a_component_that_fails_is_named_with_its_log(tmp_path):
 def test_kubectl_is_the_1_37_client():
     client = json.loads(subprocess.run([KUBECTL, "version", "--client", "-o", "json"], capture_output=True, text=True, check=True).stdout)
     assert client["clientVersion"]["minor"] == "37"
+
+
+def test_audit_log_records_clients_but_not_the_control_plane_or_node_agents(control_plane, kube_api, kube_namespace, node_agent, tmp_path):
+    kube_api.create(f"/api/v1/namespaces/{kube_namespace}/serviceaccounts", {"metadata": {"name": "audited"}})
+    files = write_service_account_files(kube_api, control_plane, kube_namespace, "audited", tmp_path / "sa")
+    with pytest.raises(ApiError):
+        KubeApi.with_token(control_plane, files / "token").get(f"/api/v1/namespaces/{kube_namespace}/pods")
+
+    def events():
+        return [json.loads(line) for line in control_plane.audit_log.read_text().splitlines()]
+
+    user = f"system:serviceaccount:{kube_namespace}:audited"
+    (denied,) = wait_for(lambda: [e for e in events() if e["user"]["username"] == user], 10, "the denied list audited")
+    assert (denied["verb"], denied["objectRef"]["resource"], denied["objectRef"]["namespace"], denied["responseStatus"]["code"]) == (
+        "list", "pods", kube_namespace, 403)  # fmt: skip
+    assert any(e["user"]["username"] == "kubetune-admin" and e["verb"] == "create" and e["objectRef"]["resource"] == "serviceaccounts" for e in events())
+    users = {e["user"]["username"] for e in events()}
+    assert not any(u.startswith(("system:node:", "system:kube-", "system:serviceaccount:kube-system:")) for u in users), users
