@@ -198,7 +198,7 @@ def namespace_name(test_name: str) -> str:
 # -- fixtures
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory) -> ControlPlane:
-    plane = ControlPlane(tmp_path_factory.mktemp("control-plane"))
+    plane = ControlPlane(tmp_path_factory.mktemp("control-plane"), die_with_caller=True)
     started = time.monotonic()
     plane.up()
     plane.startup_seconds = time.monotonic() - started

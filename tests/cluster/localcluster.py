@@ -162,11 +162,16 @@ class Ports:
 
 class ControlPlane:
     """The four components as child processes in their own sessions, so that they outlive
-    the `up` command; `down` (this object or another one on the same DIR) stops them."""
+    the `up` command; `down` (this object or another one on the same DIR) stops them.
 
-    def __init__(self, root: Path, binary: Path = BINARY):
+    With `die_with_caller` (the tests' fixture) each component gets SIGKILL when the thread
+    that started it dies (setpriv --pdeathsig), so a killed test run leaves no control plane
+    behind: start components from a thread that outlives them (the main thread)."""
+
+    def __init__(self, root: Path, binary: Path = BINARY, die_with_caller: bool = False):
         self.root = Path(root).resolve()
         self.binary = Path(binary)
+        self.die_with_caller = die_with_caller
         self.pki = self.root / "pki"
         self.kubeconfig = self.root / "kubeconfig"
         self.procs: dict[str, subprocess.Popen] = {}
@@ -231,7 +236,8 @@ class ControlPlane:
         """Start one component (again, on the same ports: `stop` + `start` restarts it)."""
         log = open(self.root / "logs" / f"{name}.log", "ab")
         with log:
-            proc = subprocess.Popen([str(self.binary), name, *self.flags(name)], stdin=subprocess.DEVNULL, stdout=log,
+            tie = ["setpriv", "--pdeathsig", "KILL", "--"] if self.die_with_caller else []
+            proc = subprocess.Popen([*tie, str(self.binary), name, *self.flags(name)], stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True)  # fmt: skip
         self.procs[name] = proc
         (self.root / "pids" / f"{name}.pid").write_text(str(proc.pid))
