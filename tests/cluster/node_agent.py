@@ -68,6 +68,7 @@ class Container:
     finished_at: str = ""
     exit_code: Optional[int] = None
     restarts: int = 0
+    exited_at: float = 0.0  # time.monotonic() of the last exit, for the restart delay
     last_exit: Optional[dict] = None
     ready: bool = False
 
@@ -107,6 +108,7 @@ class PodRun:
     containers: list[Container]
     lock: threading.Lock = field(default_factory=threading.Lock)
     mounts: dict[str, Path] = field(default_factory=dict)
+    envs: dict[str, dict[str, str]] = field(default_factory=dict)  # container name -> environment
     waiting: Optional[tuple[str, str]] = None  # (reason, message) while the pod cannot start
     started_at: str = ""
     stopping: bool = False
@@ -197,7 +199,8 @@ class NodeAgent:
             run = self.run(pod, namespace)
         except KeyError:
             return ""
-        path = next((c.log_path for c in run.all() if container in (None, c.name)), None)
+        # Like `kubectl logs`: the first (app) container unless one is named.
+        path = next((c.log_path for c in run.all() if c.name == container), None) if container else run.containers[0].log_path
         return path.read_text(errors="replace") if path and path.exists() else ""
 
     def service_url(self, service: str, port: int) -> str:
@@ -260,6 +263,7 @@ class NodeAgent:
             if run.waiting is not None or run.started_at == "":
                 self._prepare(run)
             self._observe(run)
+            self._advance(run)
             self._report(run)
 
     def _new_run(self, pod: dict) -> PodRun:
@@ -271,37 +275,38 @@ class NodeAgent:
         return PodRun(meta["namespace"], meta["name"], meta["uid"], spec, root, pod_group(pod), init, containers)
 
     def _prepare(self, run: PodRun) -> None:
-        """Volumes and env from the API, then a thread runs the init containers and starts the
-        containers. A missing ConfigMap or Secret leaves the pod waiting, retried next pass."""
+        """Volumes and env from the API. A missing ConfigMap or Secret leaves the pod waiting
+        (CreateContainerConfigError), tried again on the next pass."""
         try:
             run.mounts = self._volumes(run)
-            envs = {c.name: self._env(run, c.spec) for c in run.all()}
+            run.envs = {c.name: self._env(run, c.spec) for c in run.all()}
         except (ApiError, KeyError) as err:
             run.waiting = ("CreateContainerConfigError", str(err))
             return
         run.waiting = None
         run.started_at = now()
-        threading.Thread(target=self._start_containers, args=(run, envs), name=f"pod {run.name}", daemon=True).start()
 
-    def _start_containers(self, run: PodRun, envs: dict[str, dict[str, str]]) -> None:
+    def _advance(self, run: PodRun) -> None:
+        """Start what is due: the init containers one after the other, each once the one
+        before succeeded, then the containers; a container to restart 1 s after it exited.
+        Only the sync loop's thread starts processes: they die with it (see _spawn)."""
+        if run.started_at == "" or run.stopping:
+            return
         for container in run.init:
-            self._spawn(run, container, envs[container.name])
             if container.popen is None:
-                return  # the pod is being deleted
-            container.popen.wait()
-            self._observe(run)
+                return self._spawn(run, container)
             if container.exit_code != 0:
-                return  # restartPolicy Never: the pod failed; otherwise the kubelet would retry
+                return  # running, or failed: restartPolicy Never fails the pod; a kubelet would retry otherwise
         for container in run.containers:
-            self._spawn(run, container, envs[container.name])
+            if container.popen is None and (container.restarts == 0 or time.monotonic() - container.exited_at >= 1):
+                self._spawn(run, container)
 
-    def _spawn(self, run: PodRun, container: Container, env: dict[str, str]) -> None:
-        with run.lock:
-            if run.stopping:
-                return
-            with open(container.log_path, "ab") as log:
-                container.popen = subprocess.Popen(self._command(run, container.spec), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                   cwd=run.root, start_new_session=True)  # fmt: skip
+    def _spawn(self, run: PodRun, container: Container) -> None:
+        # SIGKILL when the sync loop's thread ends (a killed test run leaves no pods running).
+        command = ["setpriv", "--pdeathsig", "KILL", "--", *self._command(run, container.spec)]
+        with run.lock, open(container.log_path, "ab") as log:
+            container.popen = subprocess.Popen(command, env=run.envs[container.name], stdout=log, stderr=subprocess.STDOUT,
+                                               cwd=run.root, start_new_session=True)  # fmt: skip
             container.started_at, container.exit_code, container.ready = now(), None, False
             probe = (container.spec.get("readinessProbe") or {}).get("httpGet")
             if probe:
@@ -321,17 +326,10 @@ class NodeAgent:
                 # A signal death reads like the container runtime reports it: 128 + signal.
                 container.exit_code = code if code >= 0 else 128 - code
                 container.finished_at, container.ready = now(), False
-                if container in run.containers and not run.stopping and (policy == "Always" or (policy == "OnFailure" and code != 0)):
+                if any(c is container for c in run.containers) and not run.stopping and (policy == "Always" or (policy == "OnFailure" and code != 0)):
                     container.last_exit = container.status()["state"]["terminated"]
                     container.restarts += 1
-                    container.popen = None
-                    threading.Timer(1.0, self._restart, args=(run, container)).start()
-
-    def _restart(self, run: PodRun, container: Container) -> None:
-        try:
-            self._spawn(run, container, self._env(run, container.spec))
-        except Exception as err:  # noqa: BLE001 - reported by the test
-            self.errors.append(repr(err))
+                    container.popen, container.exited_at = None, time.monotonic()
 
     def _probe(self, url: Optional[str]) -> bool:
         if url is None:

@@ -146,3 +146,22 @@ def test_only_bound_pods_run(kube_api, kube_namespace, node_agent):
     with pytest.raises(KeyError):
         node_agent.run("greedy")
     assert kube_api.get(f"/api/v1/namespaces/{kube_namespace}/pods/greedy/log") is None  # no node, no log
+
+
+def test_init_containers_run_first_in_order_and_a_failed_one_fails_the_pod(kube_api, kube_namespace, node_agent):
+    base = f"/api/v1/namespaces/{kube_namespace}"
+    shared = [{"name": "work", "mountPath": "/work"}]
+    # Container paths are rewritten where they are arguments (or env values), not inside code.
+    write = "import sys; open(sys.argv[1], 'a').write(sys.argv[2])"
+    staged = pod("staged", ["python", "-c", "import sys; print(open(sys.argv[1]).read())", "/work/order"],
+                 volumes=[{"name": "work", "emptyDir": {}}],
+                 initContainers=[container(["python", "-c", write, "/work/order", n], name=f"init-{n}", volumeMounts=shared) for n in "ab"])  # fmt: skip
+    staged["spec"]["containers"][0]["volumeMounts"] = shared
+    kube_api.create(f"{base}/pods", staged)
+    broken = pod("broken", ["python", "-c", "print('never')"], initContainers=[container(["python", "-c", "raise SystemExit(7)"], name="init")])
+    kube_api.create(f"{base}/pods", broken)
+    wait_for(lambda: pod_status(kube_api, kube_namespace, "staged").get("phase") == "Succeeded", 60, "staged succeeds")
+    assert node_agent.log("staged") == "ab\n"
+    status = wait_for(lambda: pod_status(kube_api, kube_namespace, "broken").get("phase") == "Failed" and pod_status(kube_api, kube_namespace, "broken"), 60, "broken fails")
+    assert status["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 7
+    assert "waiting" in status["containerStatuses"][0]["state"] and node_agent.log("broken", container="main") == ""
