@@ -215,7 +215,8 @@ def kube_api(control_plane) -> KubeApi:
 def kube_namespace(kube_api, request) -> str:
     name = create_namespace(kube_api, namespace_name(request.node.name))
     yield name
-    kube_api.delete(f"/api/v1/namespaces/{name}")
+    if kube_api.exists(f"/api/v1/namespaces/{name}"):  # a test may have deleted it
+        kube_api.delete(f"/api/v1/namespaces/{name}")
 
 
 @pytest.fixture
