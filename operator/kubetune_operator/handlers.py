@@ -62,6 +62,8 @@ from .settings import Settings
 from .status import Action, Decision, Observed, PodState, decide, parse_iso
 
 GROUP, VERSION, PLURAL = specmod.API_GROUP, specmod.API_VERSION, specmod.PLURAL
+# kopf's finalizer on every job it handles (the delete handler's cleanup runs before the job goes).
+FINALIZER = "kubetune.io/cleanup"
 # Fields whose change after the workers started is refused (see status.SpecChangeRefused).
 MUTABLE_FIELDS = ("serving", "runPolicy")
 SPEC_HASH_ANNOTATION = "kubetune.io/spec-hash"
@@ -135,7 +137,7 @@ def kube(memo: kopf.Memo) -> Kube:
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # kopf's handler progress (retries) in annotations: the CRD's structural schema prunes
     # status.kopf. Its diff base in memory (see MemoryDiffBaseStorage).
-    settings.persistence.finalizer = "kubetune.io/cleanup"
+    settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
     settings.persistence.diffbase_storage = memo["diffbase"]
     settings.posting.level = logging.WARNING  # our own Events describe transitions
@@ -553,10 +555,10 @@ def status_base(memo: kopf.Memo, body: kopf.Body) -> tuple[Optional[dict], Optio
     return None, version
 
 
-async def newer_version(live_body: kopf.Body, version: Optional[str], timeout: float) -> bool:
-    """Wait until kopf's live body of the job (updated in place by its watch) is past `version`."""
+async def live_change(live_body: kopf.Body, done: Callable[[kopf.Body], bool], timeout: float) -> bool:
+    """Wait until kopf's live body of the job (updated in place by its watch) satisfies `done`."""
     deadline = time.monotonic() + timeout
-    while live_body.metadata.get("resourceVersion") == version:
+    while not done(live_body):
         if time.monotonic() >= deadline:
             return False
         await asyncio.sleep(0.02)
@@ -590,6 +592,11 @@ async def reconcile_locked(live_body: kopf.Body, logger: logging.Logger, memo: k
     api = kube(memo)
     key = (live_body.metadata.namespace, live_body.metadata.name)
     started = time.monotonic()
+    if wait_for_newer:
+        # A job just seen gets kopf's finalizer (a patch, so a new version) as this first run
+        # starts: deciding on the version with the finalizer spares a status write that would
+        # meet 409 and a second round of creates.
+        await live_change(live_body, lambda b: FINALIZER in (b.metadata.get("finalizers") or []), NEWER_VERSION_WAIT_SECONDS)
     try:
         for attempt in range(1, STATUS_WRITE_ATTEMPTS + 1):
             body = kopf.Body(copy.deepcopy(dict(live_body)))
@@ -605,7 +612,9 @@ async def reconcile_locked(live_body: kopf.Body, logger: logging.Logger, memo: k
             except Conflict:
                 memo["statuses"].pop(key, None)
                 metrics.STATUS_CONFLICTS.inc()
-                again = attempt < STATUS_WRITE_ATTEMPTS and wait_for_newer and await newer_version(live_body, version, NEWER_VERSION_WAIT_SECONDS)
+                seen = body.metadata.get("resourceVersion")
+                again = attempt < STATUS_WRITE_ATTEMPTS and wait_for_newer and \
+                    await live_change(live_body, lambda b: b.metadata.get("resourceVersion") != seen, NEWER_VERSION_WAIT_SECONDS)
                 log.info(f"{key[0]}/{key[1]}: status not written, the job changed after resourceVersion {version}; "
                          + ("deciding again on the newer version" if again else "the next run decides on the newer version"))  # fmt: skip
                 if again:
