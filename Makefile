@@ -32,8 +32,7 @@ include tests/cluster/build.mk
 
 cluster: $(CLUSTER_BIN)
 
-# The Go build (CPU) runs beside setup's downloads (network): on a fresh machine that hides
-# most of the pip install in the build's time.
+# The Go build (CPU-bound) runs beside setup (mostly downloads), so the two overlap.
 test:
 	$(MAKE) -j2 --output-sync=target setup system-deps cluster
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
