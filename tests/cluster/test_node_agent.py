@@ -165,3 +165,12 @@ def test_init_containers_run_first_in_order_and_a_failed_one_fails_the_pod(kube_
     status = wait_for(lambda: pod_status(kube_api, kube_namespace, "broken").get("phase") == "Failed" and pod_status(kube_api, kube_namespace, "broken"), 60, "broken fails")
     assert status["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 7
     assert "waiting" in status["containerStatuses"][0]["state"] and node_agent.log("broken", container="main") == ""
+
+
+def test_kubectl_logs_follow_streams_until_the_container_ends(kube_api, kubectl, kube_namespace, node_agent):
+    slow = "import time\nfor i in range(4):\n    print('line', i, flush=True)\n    time.sleep(0.5)"
+    kube_api.create(f"/api/v1/namespaces/{kube_namespace}/pods", pod("slow", ["python", "-c", slow]))
+    wait_for(lambda: pod_status(kube_api, kube_namespace, "slow").get("phase") == "Running", 60, "running")
+    followed = kubectl("logs", "--follow", "slow")  # returns once the container has exited
+    assert followed.stdout == "".join(f"line {i}\n" for i in range(4))
+    assert kubectl("logs", "--tail=1", "slow").stdout == "line 3\n"
