@@ -7,8 +7,8 @@ observes the job's children, the Secrets it names and the trainer's progress.jso
 the pure state machine (`status.decide`) what to do, creates or deletes children
 (idempotently: deterministic names, create-if-absent, 409 = exists), patches the status
 (one merge patch through the status subresource, none when nothing changed, applied only to
-the version of the job it was decided on: a newer version answers 409 and is decided on
-again) and emits an Event per transition. A lost watch event, a deleted child or an operator
+the version of the job it was decided on or a newer one that changed only its metadata; a
+version that moved on in spec or status answers 409 and is decided on again) and emits an Event per transition. A lost watch event, a deleted child or an operator
 restart is therefore repaired by the next run. A call the API server refuses (403: RBAC, Pod
 Security admission) is named in the log and once as a Warning Event on the job, and tried
 again by the next run.
@@ -585,18 +585,56 @@ async def reconcile_job(body: kopf.Body, logger: logging.Logger, memo: kopf.Memo
         await reconcile_locked(body, logger, memo, wait_for_newer)
 
 
+def own_status(body: kopf.Body) -> dict:
+    return {k: v for k, v in (body.get("status") or {}).items() if k not in STATUS_KEYS_OWNED_BY_KOPF}
+
+
+def same_basis(decided_on: kopf.Body, previous: dict, newer: kopf.Body) -> bool:
+    """Whether a newer version of the job changed nothing a decision rests on: the same job
+    (uid), the same spec (generation) and the status the decision started from. Such versions
+    differ only in metadata: kopf's finalizer, labels, annotations."""
+    return (newer.metadata.uid == decided_on.metadata.uid and newer.metadata.get("generation") == decided_on.metadata.get("generation")
+            and own_status(newer) == previous)  # fmt: skip
+
+
+async def write_status(api: Kube, live_body: kopf.Body, body: kopf.Body, previous: dict, patch: dict, version: Optional[str],
+                       wait_for_newer: bool) -> Optional[tuple[str, dict]]:  # fmt: skip
+    """Write a decision's status patch to the version of the job it was decided on, or to a
+    newer version on the same basis (`same_basis`); returns (the version written to, the
+    object as written). None when the job moved on in spec or status (or, without
+    `wait_for_newer`, when the version written to met 409): that needs a new decision."""
+    key = (body.metadata.namespace, body.metadata.name)
+    if wait_for_newer and FINALIZER not in (body.metadata.get("finalizers") or []):
+        # A job just seen gets kopf's finalizer (a patch: a new version) while its first run
+        # creates the children; its first status goes to that version rather than meet 409.
+        await live_change(live_body, lambda b: FINALIZER in (b.metadata.get("finalizers") or []), NEWER_VERSION_WAIT_SECONDS)
+    for attempt in range(1, STATUS_WRITE_ATTEMPTS + 1):
+        newer = kopf.Body(copy.deepcopy(dict(live_body)))
+        if newer.metadata.get("resourceVersion") != body.metadata.get("resourceVersion"):
+            if not same_basis(body, previous, newer):
+                return None
+            version = newer.metadata.get("resourceVersion")
+        try:
+            return version, await api.patch_status(*key, patch, resource_version=version)
+        except Conflict:
+            metrics.STATUS_CONFLICTS.inc()
+            again = wait_for_newer and attempt < STATUS_WRITE_ATTEMPTS and \
+                await live_change(live_body, lambda b: b.metadata.get("resourceVersion") not in (version, body.metadata.get("resourceVersion")),
+                                  NEWER_VERSION_WAIT_SECONDS)  # fmt: skip
+            log.info(f"{key[0]}/{key[1]}: status not written, the job changed after resourceVersion {version}"
+                     + ("" if again else "; the next run decides on the newer version"))  # fmt: skip
+            if not again:
+                return None
+    return None
+
+
 async def reconcile_locked(live_body: kopf.Body, logger: logging.Logger, memo: kopf.Memo, wait_for_newer: bool) -> None:
     """Decide on a snapshot of the job (kopf updates its body in place as watch events arrive)
-    and write the status to exactly that version of the job: if the job changed in between
-    (409 Conflict), decide again on the newer version, which the watch delivers."""
+    and write the status to that version of the job, or to a newer one that changed only its
+    metadata (`write_status`); a job that moved on in spec or status is decided on again."""
     api = kube(memo)
     key = (live_body.metadata.namespace, live_body.metadata.name)
     started = time.monotonic()
-    if wait_for_newer:
-        # A job just seen gets kopf's finalizer (a patch, so a new version) as this first run
-        # starts: deciding on the version with the finalizer spares a status write that would
-        # meet 409 and a second round of creates.
-        await live_change(live_body, lambda b: FINALIZER in (b.metadata.get("finalizers") or []), NEWER_VERSION_WAIT_SECONDS)
     try:
         for attempt in range(1, STATUS_WRITE_ATTEMPTS + 1):
             body = kopf.Body(copy.deepcopy(dict(live_body)))
@@ -607,19 +645,14 @@ async def reconcile_locked(live_body: kopf.Body, logger: logging.Logger, memo: k
             patch = status_patch(reconciler.previous, decision.status)
             if not patch:
                 break
-            try:
-                written = await api.patch_status(*key, patch, resource_version=version)
-            except Conflict:
+            result = await write_status(api, live_body, body, reconciler.previous, patch, version, wait_for_newer)
+            if result is None:
                 memo["statuses"].pop(key, None)
-                metrics.STATUS_CONFLICTS.inc()
-                seen = body.metadata.get("resourceVersion")
-                again = attempt < STATUS_WRITE_ATTEMPTS and wait_for_newer and \
-                    await live_change(live_body, lambda b: b.metadata.get("resourceVersion") != seen, NEWER_VERSION_WAIT_SECONDS)
-                log.info(f"{key[0]}/{key[1]}: status not written, the job changed after resourceVersion {version}; "
-                         + ("deciding again on the newer version" if again else "the next run decides on the newer version"))  # fmt: skip
-                if again:
+                if wait_for_newer and attempt < STATUS_WRITE_ATTEMPTS:
+                    log.info(f"{key[0]}/{key[1]}: the job changed in spec or status since resourceVersion {version}; deciding again")
                     continue
                 return
+            version, written = result
             if isinstance(written.get("status"), dict):
                 memo["statuses"][key] = WrittenStatus(body.metadata.uid, version, written["metadata"]["resourceVersion"], written["status"])
             else:
@@ -707,6 +740,9 @@ def build_registry(settings: Settings) -> kopf.OperatorRegistry:
     # a user's Secret): the operator never logs below INFO there, even with --verbose.
     for noisy in ("botocore", "boto3", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger(noisy).level))
+    # httpx2 (lightkube's HTTP client) logs every request at INFO: one line per API call.
+    for noisy in ("httpx2", "httpcore2"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).level))
     registry = kopf.OperatorRegistry()
     kopf.on.startup(registry=registry)(configure)
     kopf.on.login(registry=registry)(login)

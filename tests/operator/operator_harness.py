@@ -126,8 +126,8 @@ class OperatorProcess:
 
     def __init__(self, plane: ControlPlane, api: KubeApi, release: ChartRelease, workdir: Path):
         self.plane, self.api, self.release = plane, api, release
-        self.workdir = workdir
-        self.credentials = workdir / "serviceaccount"
+        self.workdir = workdir.resolve()  # the process runs there: its files are named absolutely
+        self.credentials = self.workdir / "serviceaccount"
         self.proc: Optional[subprocess.Popen] = None
         self.starts = 0
         self.bindings: list[str] = []  # the Secrets the tokens written so far are bound to
