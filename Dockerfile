@@ -1,5 +1,5 @@
 # KubeTune operator image: slim Python, the kubetune package with the [operator] extra only
-# (kopf, kubernetes client; no torch). It runs `python -m kubetune_operator`. Build from the repository root:
+# (kopf, lightkube; no torch). It runs `python -m kubetune_operator`. Build from the repository root:
 #   docker build -t ghcr.io/kubetune/kubetune-operator:0.1.0 .
 FROM python:3.12-slim AS build
 WORKDIR /src

@@ -7,7 +7,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps test quickstart bench crds
+.PHONY: setup system-deps cluster test quickstart bench crds
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,7 +26,15 @@ system-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
-test: setup system-deps
+# The Kubernetes control plane that the operator tests and scripts/local-cluster run
+# (tests/cluster: etcd, kube-apiserver, kube-controller-manager, kube-scheduler in one binary).
+include tests/cluster/build.mk
+
+cluster: $(CLUSTER_BIN)
+
+# The Go build (CPU-bound) runs beside setup (mostly downloads), so the two overlap.
+test:
+	$(MAKE) -j2 --output-sync=target setup system-deps cluster
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 quickstart: setup

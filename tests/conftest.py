@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny model built offline and a real SeaweedFS S3 server."""
+"""Shared fixtures: a tiny model built offline, a real SeaweedFS S3 server, and the local
+Kubernetes control plane with its node agent (tests/cluster/kube_harness.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,20 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The control-plane harness lives beside the Go module it runs (tests/cluster).
+sys.path.insert(0, str(REPO / "tests" / "cluster"))
+from kube_harness import control_plane, kube_api, kube_namespace, kubectl, node_agent  # noqa: E402,F401 (fixtures)
+
+
+@pytest.fixture(scope="session")
+def finetunejob_crd(control_plane) -> str:
+    """The checked-in FineTuneJob CRD (the file users apply), applied server-side to the
+    session's control plane and Established; returns its name."""
+    from kube_harness import apply_crd
+    from kubetune.crd import CRD_FILENAME
+
+    return apply_crd(control_plane, REPO / "crds" / CRD_FILENAME)
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,15 @@ creation and on operator start; then every `reconcile_interval`) and from a spec
 observes the job's children, the Secrets it names and the trainer's progress.json, asks
 the pure state machine (`status.decide`) what to do, creates or deletes children
 (idempotently: deterministic names, create-if-absent, 409 = exists), patches the status
-(one merge patch, none when nothing changed) and emits an Event per transition. A lost watch
-event, a deleted child or an operator restart is therefore repaired by the next run.
+(one merge patch through the status subresource, none when nothing changed, applied only to
+the version of the job it was decided on or a newer one that changed only its metadata; a
+version that moved on in spec or status answers 409 and is decided on again) and emits an Event per transition. A lost watch event, a deleted child or an operator
+restart is therefore repaired by the next run. A call the API server refuses (403: RBAC, Pod
+Security admission) is named in the log and once as a Warning Event on the job, and tried
+again by the next run.
 
 API calls per run are kept to what the decision needs: the status the operator last wrote
-is kept in memory (it is the only writer of status, so that copy is never older than the
-watched body), a job that never started creates its children without listing or reading
+is kept in memory until the watch delivers it (`status_base`), a job that never started creates its children without listing or reading
 first (409 = already there), the serving Deployment is read only in the phases that have
 one, and a Secret read serves every job naming it for a few seconds (`SecretCache`). kopf's
 diff base is kept in memory (`MemoryDiffBaseStorage`): no annotation patch per job and per
@@ -35,12 +38,13 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Optional
 
 import kopf
+from lightkube import ConfigError
 
 from kubetune import spec as specmod
 from kubetune.layout import JobLayout, LayoutError, job_layout
@@ -52,12 +56,14 @@ from kubetune.uri import Uri, parse_uri
 from kubetune.validation import check_job
 
 from . import builders, metrics
-from .kube import Kube
+from .kube import ApiError, Conflict, Kube, connection_info, load_config
 from .memory import check_memory
 from .settings import Settings
 from .status import Action, Decision, Observed, PodState, decide, parse_iso
 
 GROUP, VERSION, PLURAL = specmod.API_GROUP, specmod.API_VERSION, specmod.PLURAL
+# kopf's finalizer on every job it handles (the delete handler's cleanup runs before the job goes).
+FINALIZER = "kubetune.io/cleanup"
 # Fields whose change after the workers started is refused (see status.SpecChangeRefused).
 MUTABLE_FIELDS = ("serving", "runPolicy")
 SPEC_HASH_ANNOTATION = "kubetune.io/spec-hash"
@@ -68,6 +74,13 @@ SERVING_PHASES = ("Merging", "Serving", "Succeeded")
 S3_CLIENT_CACHE_LIMIT = 256
 # A Secret read serves every run (of any job naming it) for this long, at most one interval.
 SECRET_TTL_SECONDS = 5.0
+# A status write that meets a newer version of the job (409) is decided again on that version,
+# once the watch delivers it (waited for this long), at most this many times per run.
+STATUS_WRITE_ATTEMPTS = 5
+NEWER_VERSION_WAIT_SECONDS = 2.0
+
+# Lines that must not become Events (kopf posts its per-job logger's warnings as Events).
+log = logging.getLogger(__name__)
 
 
 class SecretCache:
@@ -124,7 +137,7 @@ def kube(memo: kopf.Memo) -> Kube:
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # kopf's handler progress (retries) in annotations: the CRD's structural schema prunes
     # status.kopf. Its diff base in memory (see MemoryDiffBaseStorage).
-    settings.persistence.finalizer = "kubetune.io/cleanup"
+    settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
     settings.persistence.diffbase_storage = memo["diffbase"]
     settings.posting.level = logging.WARNING  # our own Events describe transitions
@@ -134,16 +147,17 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     boto3_session()  # import boto3 now, not in the first job's first run
 
 
-def login(memo: kopf.Memo, **kwargs: Any) -> Optional[kopf.ConnectionInfo]:
-    """In-cluster service account or kubeconfig; KUBETUNE_API_SERVER names a server explicitly."""
-    server = os.environ.get("KUBETUNE_API_SERVER")
-    if server:
-        info = kopf.ConnectionInfo(server=server, default_namespace="default")
-    else:
-        info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
-    if info is not None:
-        memo["kube"] = Kube(info)
-    return info
+async def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    """kopf's credentials and the operator's own client from one configuration (kube.py): the
+    pod's service account, else the kubeconfig. kopf calls this again after a 401 or when the
+    token expires; a token kept in a file is then read again (it may have been rotated)."""
+    try:
+        config = load_config()
+    except (ConfigError, OSError, KeyError) as err:
+        raise kopf.LoginError(f"no Kubernetes credentials (in-cluster service account or KUBECONFIG): {err}") from err
+    if memo.get("kube") is None:
+        memo["kube"] = Kube(config)
+    return connection_info(config)
 
 
 async def close_client(memo: kopf.Memo, **_: Any) -> None:
@@ -516,40 +530,141 @@ def job_lock(memo: kopf.Memo, namespace: str, name: str) -> asyncio.Lock:
     return memo["locks"].setdefault((namespace, name), asyncio.Lock())
 
 
-def last_written_status(memo: kopf.Memo, body: kopf.Body) -> Optional[dict]:
-    """The status this operator process last wrote for this very job (same uid), if any.
-    The operator is the only writer of a FineTuneJob's status, so this copy is never older
-    than the body kopf last watched (which may not show the last write yet)."""
-    known = memo["statuses"].get((body.metadata.namespace, body.metadata.name))
-    if known is not None and known[0] == body.metadata.uid:
-        return known[1]
-    return None
+@dataclass(frozen=True)
+class WrittenStatus:
+    """A status this operator process wrote: for the job with `uid`, decided on the job's
+    version `based_on`, producing version `written`."""
+
+    uid: str
+    based_on: str
+    written: str
+    status: dict
+
+
+def status_base(memo: kopf.Memo, body: kopf.Body) -> tuple[Optional[dict], Optional[str]]:
+    """The status a run starts from (None: the body's) and the resourceVersion its write applies to.
+
+    Until the watch delivers the operator's own last status write, kopf still holds the version
+    that write was decided on: the run starts from the written status and version. Any other
+    version kopf holds is that write or newer (watch events arrive in order), so its own status
+    and version are the truth, whoever wrote them."""
+    known: Optional[WrittenStatus] = memo["statuses"].get((body.metadata.namespace, body.metadata.name))
+    version = body.metadata.get("resourceVersion")
+    if known is not None and known.uid == body.metadata.uid and known.based_on == version:
+        return known.status, known.written
+    return None, version
+
+
+async def live_change(live_body: kopf.Body, done: Callable[[kopf.Body], bool], timeout: float) -> bool:
+    """Wait until kopf's live body of the job (updated in place by its watch) satisfies `done`."""
+    deadline = time.monotonic() + timeout
+    while not done(live_body):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 async def reconcile(body: kopf.Body, logger: logging.Logger, memo: kopf.Memo, **_: Any) -> None:
+    """The timer's run: at once when the job is seen, then every interval."""
+    await reconcile_job(body, logger, memo, wait_for_newer=True)
+
+
+async def reconcile_spec_change(body: kopf.Body, logger: logging.Logger, memo: kopf.Memo, **_: Any) -> None:
+    """A spec change runs the reconciliation at once. kopf delivers the job's next versions
+    only after this handler returns: a status write that conflicts is left to the timer."""
+    await reconcile_job(body, logger, memo, wait_for_newer=False)
+
+
+async def reconcile_job(body: kopf.Body, logger: logging.Logger, memo: kopf.Memo, wait_for_newer: bool) -> None:
     """The one reconciliation, run by every trigger (timer, spec change); one run at a time per job."""
     namespace, name = body.metadata.namespace, body.metadata.name
     async with job_lock(memo, namespace, name):
         if body.metadata.get("deletionTimestamp"):
             return  # being deleted: `cleanup` removes the children; never recreate them
-        await reconcile_locked(body, logger, memo)
+        await reconcile_locked(body, logger, memo, wait_for_newer)
 
 
-async def reconcile_locked(body: kopf.Body, logger: logging.Logger, memo: kopf.Memo) -> None:
+def own_status(body: kopf.Body) -> dict:
+    return {k: v for k, v in (body.get("status") or {}).items() if k not in STATUS_KEYS_OWNED_BY_KOPF}
+
+
+def same_basis(decided_on: kopf.Body, previous: dict, newer: kopf.Body) -> bool:
+    """Whether a newer version of the job changed nothing a decision rests on: the same job
+    (uid), the same spec (generation) and the status the decision started from. Such versions
+    differ only in metadata: kopf's finalizer, labels, annotations."""
+    return (newer.metadata.uid == decided_on.metadata.uid and newer.metadata.get("generation") == decided_on.metadata.get("generation")
+            and own_status(newer) == previous)  # fmt: skip
+
+
+async def write_status(api: Kube, live_body: kopf.Body, body: kopf.Body, previous: dict, patch: dict, version: Optional[str],
+                       wait_for_newer: bool) -> Optional[tuple[str, dict]]:  # fmt: skip
+    """Write a decision's status patch to the version of the job it was decided on, or to a
+    newer version on the same basis (`same_basis`); returns (the version written to, the
+    object as written). None when the job moved on in spec or status (or, without
+    `wait_for_newer`, when the version written to met 409): that needs a new decision."""
+    key = (body.metadata.namespace, body.metadata.name)
+    if wait_for_newer and FINALIZER not in (body.metadata.get("finalizers") or []):
+        # A job just seen gets kopf's finalizer (a patch: a new version) while its first run
+        # creates the children; its first status goes to that version rather than meet 409.
+        await live_change(live_body, lambda b: FINALIZER in (b.metadata.get("finalizers") or []), NEWER_VERSION_WAIT_SECONDS)
+    for attempt in range(1, STATUS_WRITE_ATTEMPTS + 1):
+        newer = kopf.Body(copy.deepcopy(dict(live_body)))
+        if newer.metadata.get("resourceVersion") != body.metadata.get("resourceVersion"):
+            if not same_basis(body, previous, newer):
+                return None
+            version = newer.metadata.get("resourceVersion")
+        try:
+            return version, await api.patch_status(*key, patch, resource_version=version)
+        except Conflict:
+            metrics.STATUS_CONFLICTS.inc()
+            again = wait_for_newer and attempt < STATUS_WRITE_ATTEMPTS and \
+                await live_change(live_body, lambda b: b.metadata.get("resourceVersion") not in (version, body.metadata.get("resourceVersion")),
+                                  NEWER_VERSION_WAIT_SECONDS)  # fmt: skip
+            log.info(f"{key[0]}/{key[1]}: status not written, the job changed after resourceVersion {version}"
+                     + ("" if again else "; the next run decides on the newer version"))  # fmt: skip
+            if not again:
+                return None
+    return None
+
+
+async def reconcile_locked(live_body: kopf.Body, logger: logging.Logger, memo: kopf.Memo, wait_for_newer: bool) -> None:
+    """Decide on a snapshot of the job (kopf updates its body in place as watch events arrive)
+    and write the status to that version of the job, or to a newer one that changed only its
+    metadata (`write_status`); a job that moved on in spec or status is decided on again."""
     api = kube(memo)
+    key = (live_body.metadata.namespace, live_body.metadata.name)
     started = time.monotonic()
     try:
-        reconciler = Reconciler(api, body, memo["settings"], logger, memo["storage_failures"], memo["plans"],
-                                previous=last_written_status(memo, body), s3_clients=memo["s3_clients"], secrets=memo["secrets"])  # fmt: skip
-        decision = await reconciler.run()
-        patch = status_patch(reconciler.previous, decision.status)
-        if patch:
-            written = await api.patch_status(reconciler.namespace, reconciler.name, patch)
-            key = (reconciler.namespace, reconciler.name)
-            if isinstance((written or {}).get("status"), dict):
-                memo["statuses"][key] = (body.metadata.uid, written["status"])
+        for attempt in range(1, STATUS_WRITE_ATTEMPTS + 1):
+            body = kopf.Body(copy.deepcopy(dict(live_body)))
+            previous, version = status_base(memo, body)
+            reconciler = Reconciler(api, body, memo["settings"], logger, memo["storage_failures"], memo["plans"],
+                                    previous=previous, s3_clients=memo["s3_clients"], secrets=memo["secrets"])  # fmt: skip
+            decision = await reconciler.run()
+            patch = status_patch(reconciler.previous, decision.status)
+            if not patch:
+                break
+            result = await write_status(api, live_body, body, reconciler.previous, patch, version, wait_for_newer)
+            if result is None:
+                memo["statuses"].pop(key, None)
+                if wait_for_newer and attempt < STATUS_WRITE_ATTEMPTS:
+                    log.info(f"{key[0]}/{key[1]}: the job changed in spec or status since resourceVersion {version}; deciding again")
+                    continue
+                return
+            version, written = result
+            if isinstance(written.get("status"), dict):
+                memo["statuses"][key] = WrittenStatus(body.metadata.uid, version, written["metadata"]["resourceVersion"], written["status"])
             else:
                 memo["statuses"].pop(key, None)  # no object in the answer: trust the watched body
+            break
+    except ApiError as err:
+        metrics.RECONCILE_TOTAL.labels("error").inc()
+        metrics.RECONCILE_ERRORS.inc()
+        if err.status != 403:
+            raise
+        report_refusal(live_body, err, memo)
+        return
     except Exception:
         metrics.RECONCILE_TOTAL.labels("error").inc()
         metrics.RECONCILE_ERRORS.inc()
@@ -557,11 +672,24 @@ async def reconcile_locked(body: kopf.Body, logger: logging.Logger, memo: kopf.M
     finally:
         metrics.RECONCILE_DURATION.observe(time.monotonic() - started)
     metrics.RECONCILE_TOTAL.labels("ok").inc()
+    memo["refusals"].pop(key, None)
     for event in decision.events:
         kopf.event(body, type=event.type, reason=event.reason, message=short(event.message))
-        log = logger.warning if event.type == "Warning" else logger.info
-        log(f"{event.reason}: {short(event.message)}")
-    metrics.record_job(reconciler.namespace, reconciler.name, decision.status, duration(decision.status, utc_now()))
+        log_event = logger.warning if event.type == "Warning" else logger.info
+        log_event(f"{event.reason}: {short(event.message)}")
+    metrics.record_job(*key, decision.status, duration(decision.status, utc_now()))
+
+
+def report_refusal(body: kopf.Body, err: ApiError, memo: kopf.Memo) -> None:
+    """A call the API server refused with 403 (RBAC, Pod Security admission, a quota): the
+    operator's log says which call on every run, a Warning Event on the job says it once per
+    message. The next run tries again: a granted permission or fixed policy needs no restart."""
+    key = (body.metadata.namespace, body.metadata.name)
+    message = f"the API server refused to {err.verb} {err.resource} in namespace {err.namespace}: {err.message}"
+    log.error(f"{key[0]}/{key[1]}: {message}")
+    if memo["refusals"].get(key) != message:
+        memo["refusals"][key] = message
+        kopf.event(body, type="Warning", reason="Forbidden", message=short(message))
 
 
 async def cleanup(body: kopf.Body, logger: logging.Logger, memo: kopf.Memo, **_: Any) -> None:
@@ -586,6 +714,7 @@ async def cleanup_locked(body: kopf.Body, logger: logging.Logger, memo: kopf.Mem
     metrics.forget_job(ns, name)
     memo["storage_failures"].pop((ns, name), None)
     memo["statuses"].pop((ns, name), None)
+    memo["refusals"].pop((ns, name), None)
     memo["diffbase"].forget(body.metadata.uid)
     for key in [k for k in memo["plans"] if k[:2] == (ns, name)]:
         del memo["plans"][key]
@@ -611,6 +740,9 @@ def build_registry(settings: Settings) -> kopf.OperatorRegistry:
     # a user's Secret): the operator never logs below INFO there, even with --verbose.
     for noisy in ("botocore", "boto3", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger(noisy).level))
+    # httpx2 (lightkube's HTTP client) logs every request at INFO: one line per API call.
+    for noisy in ("httpx2", "httpcore2"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).level))
     registry = kopf.OperatorRegistry()
     kopf.on.startup(registry=registry)(configure)
     kopf.on.login(registry=registry)(login)
@@ -618,12 +750,12 @@ def build_registry(settings: Settings) -> kopf.OperatorRegistry:
     # The first run at once when the job is seen (created, or found at operator start), then
     # every interval; a spec change runs it at once too (suspend, serving, edits before start).
     kopf.timer(GROUP, VERSION, PLURAL, interval=settings.reconcile_interval, initial_delay=0, id="reconcile", registry=registry)(reconcile)
-    kopf.on.update(GROUP, VERSION, PLURAL, field="spec", id="spec-changed", registry=registry)(reconcile)
+    kopf.on.update(GROUP, VERSION, PLURAL, field="spec", id="spec-changed", registry=registry)(reconcile_spec_change)
     kopf.on.delete(GROUP, VERSION, PLURAL, id="cleanup", registry=registry)(cleanup)
     return registry
 
 
 def new_memo(settings: Settings) -> kopf.Memo:
-    return kopf.Memo(settings=settings, kube=None, storage_failures={}, plans={}, locks={}, statuses={}, s3_clients={},
+    return kopf.Memo(settings=settings, kube=None, storage_failures={}, plans={}, locks={}, statuses={}, refusals={}, s3_clients={},
                      secrets=SecretCache(ttl=min(SECRET_TTL_SECONDS, settings.reconcile_interval)),
                      diffbase=MemoryDiffBaseStorage())  # fmt: skip

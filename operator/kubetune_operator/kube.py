@@ -1,20 +1,37 @@
-"""A small async Kubernetes REST client for the operator's own calls (children, Secrets, logs).
+"""The operator's own Kubernetes API calls (children, Secrets, logs, status) through lightkube,
+and the credentials kopf logs in with, from the same source.
 
-It uses the same connection kopf logged in with (`ConnectionInfo` from the login handler),
-so there is one source of credentials. Every call the operator makes is listed in `CALLS`
-(verb, resource) for the RBAC Role in the chart.
+Credentials (`load_config`): the pod's service account (token, ca.crt and namespace under
+/var/run/secrets/kubernetes.io/serviceaccount, server from KUBERNETES_SERVICE_HOST/PORT),
+else the kubeconfig named by KUBECONFIG (or ~/.kube/config): CA bundles (file or data),
+client certificates, bearer tokens inline or in a `tokenFile`. A token kept in a file (the
+service account's projected token, a kubeconfig's tokenFile) rotates: lightkube reads the
+file again when the API answers 401, and kopf, whose client logs in through `login` in
+handlers.py, calls it again after a 401 or once the token's own expiry passes (the JWT `exp`
+handed over in `connection_info`), which reads the file again.
+
+Every call the operator makes is listed in `CALLS` (verb, resource) for the RBAC Role in
+the chart.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import ssl
-import tempfile
+import binascii
+import json
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Optional
 
-import aiohttp
+import httpx2
 import kopf
+from lightkube import ApiError as LightkubeApiError
+from lightkube import AsyncClient, KubeConfig
+from lightkube.config.kubeconfig import SingleConfig
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.resources.apps_v1 import Deployment
+from lightkube.resources.core_v1 import ConfigMap, Pod, Secret, Service
+from lightkube.types import CascadeType, PatchType
 
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL
 
@@ -30,148 +47,157 @@ CALLS = [
     ("get", "secrets"),
 ]  # fmt: skip
 
-# kind -> (API prefix, plural)
-KINDS = {
-    "Pod": ("/api/v1", "pods"),
-    "ConfigMap": ("/api/v1", "configmaps"),
-    "Service": ("/api/v1", "services"),
-    "Secret": ("/api/v1", "secrets"),
-    "Deployment": ("/apis/apps/v1", "deployments"),
-    "FineTuneJob": (f"/apis/{API_GROUP}/{API_VERSION}", PLURAL),
+FineTuneJob = create_namespaced_resource(API_GROUP, API_VERSION, "FineTuneJob", PLURAL)
+KINDS: dict[str, Any] = {
+    "Pod": Pod,
+    "ConfigMap": ConfigMap,
+    "Service": Service,
+    "Secret": Secret,
+    "Deployment": Deployment,
+    "FineTuneJob": FineTuneJob,
 }
+FIELD_MANAGER = "kubetune-operator"
+REQUEST_TIMEOUT_SECONDS = 30.0
 
 
 class ApiError(RuntimeError):
-    def __init__(self, status: int, method: str, path: str, text: str):
-        self.status = status
-        super().__init__(f"{method} {path}: HTTP {status}: {text[:300]}")
+    """An API call the server refused: which call (verb, resource, namespace/name) and its answer."""
+
+    def __init__(self, verb: str, resource: str, namespace: str, name: Optional[str], status: int, reason: str, message: str):
+        self.verb, self.resource, self.namespace, self.name = verb, resource, namespace, name
+        self.status, self.reason, self.message = status, reason, message
+        target = f"{namespace}/{name}" if name else f"namespace {namespace}"
+        super().__init__(f"{verb} {resource} {target}: HTTP {status} {reason}: {message}")
 
 
-def path(kind: str, namespace: str, name: Optional[str] = None, sub: Optional[str] = None) -> str:
-    prefix, plural = KINDS[kind]
-    out = f"{prefix}/namespaces/{namespace}/{plural}"
-    if name:
-        out += f"/{name}"
-    if sub:
-        out += f"/{sub}"
-    return out
+class Conflict(ApiError):
+    """409 Conflict on a write to a given resourceVersion: the object changed since."""
+
+
+def load_config(service_account: Optional[str] = None) -> SingleConfig:
+    """In-cluster service account (its folder can be named, for tests), else the kubeconfig."""
+    if service_account is None:
+        return KubeConfig.from_env().get()
+    return KubeConfig.from_service_account(service_account).get()
+
+
+def token_expiry(token: Optional[str]) -> Optional[datetime]:
+    """The `exp` claim of a JWT bearer token (service account tokens are JWTs); None otherwise."""
+    try:
+        payload = (token or "").split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return datetime.fromtimestamp(int(claims["exp"]), tz=timezone.utc)
+    except (IndexError, ValueError, KeyError, TypeError, binascii.Error):
+        return None
+
+
+def bearer_token(config: SingleConfig) -> Optional[str]:
+    """The token now: read from its file each time when it has one (it may have rotated)."""
+    user = config.user
+    if user is None:
+        return None
+    if user.token_file:
+        return Path(config.abs_file(user.token_file)).read_text().strip() or None
+    return user.token
+
+
+def connection_info(config: SingleConfig) -> kopf.ConnectionInfo:
+    """kopf's credentials from the same configuration as the operator's own client."""
+    cluster, user = config.cluster, config.user
+    token = bearer_token(config)
+
+    def path(value: Optional[str]) -> Optional[str]:
+        return str(config.abs_file(value)) if value else None
+
+    return kopf.ConnectionInfo(
+        server=cluster.server,
+        ca_path=path(cluster.certificate_auth),
+        ca_data=cluster.certificate_auth_data,
+        insecure=cluster.insecure or None,
+        certificate_path=path(user.client_cert) if user else None,
+        certificate_data=user.client_cert_data if user else None,
+        private_key_path=path(user.client_key) if user else None,
+        private_key_data=user.client_key_data if user else None,
+        token=token,
+        default_namespace=config.context.namespace,
+        expiration=token_expiry(token),
+    )
 
 
 class Kube:
-    def __init__(self, info: kopf.ConnectionInfo):
-        self.info = info
-        self._sessions: dict[int, aiohttp.ClientSession] = {}
+    """The operator's calls, on plain dicts (manifests in, objects out)."""
 
-    def _ssl(self) -> Any:
-        info = self.info
-        if info.insecure:
-            return False
-        if not (info.ca_path or info.ca_data or info.certificate_path or info.certificate_data):
-            return None
-        context = ssl.create_default_context(cafile=str(info.ca_path) if info.ca_path else None)
-        if info.ca_data:
-            data = info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data
-            if "BEGIN CERTIFICATE" not in data:
-                data = base64.b64decode(data).decode()
-            context.load_verify_locations(cadata=data)
-        if info.certificate_path and info.private_key_path:
-            context.load_cert_chain(str(info.certificate_path), str(info.private_key_path))
-        elif info.certificate_data and info.private_key_data:
-            with tempfile.NamedTemporaryFile("wb") as cert, tempfile.NamedTemporaryFile("wb") as key:
-                for fh, value in ((cert, info.certificate_data), (key, info.private_key_data)):
-                    raw = value.encode() if isinstance(value, str) else value
-                    fh.write(raw if b"BEGIN" in raw else base64.b64decode(raw))
-                    fh.flush()
-                context.load_cert_chain(cert.name, key.name)
-        return context
-
-    def _session(self) -> aiohttp.ClientSession:
-        # One session per event loop (tests restart the operator in a fresh loop).
-        loop = id(asyncio.get_running_loop())
-        session = self._sessions.get(loop)
-        if session is None or session.closed:
-            headers = {"Accept": "application/json"}
-            auth = None
-            if self.info.token:
-                headers["Authorization"] = f"Bearer {self.info.token}"
-            elif self.info.username and self.info.password:
-                auth = aiohttp.BasicAuth(self.info.username, self.info.password)
-            session = aiohttp.ClientSession(
-                base_url=self.info.server.rstrip("/"),
-                headers=headers,
-                auth=auth,
-                connector=aiohttp.TCPConnector(ssl=self._ssl()),
-                timeout=aiohttp.ClientTimeout(total=30),
-            )
-            self._sessions[loop] = session
-        return session
+    def __init__(self, config: SingleConfig):
+        self.client = AsyncClient(config, field_manager=FIELD_MANAGER, timeout=httpx2.Timeout(REQUEST_TIMEOUT_SECONDS))
 
     async def close(self) -> None:
-        loop = id(asyncio.get_running_loop())
-        session = self._sessions.pop(loop, None)
-        if session is not None:
-            await session.close()
+        await self.client.close()
 
-    async def request(self, method: str, url: str, *, params: Optional[dict] = None, json: Any = None,
-                      content_type: Optional[str] = None, text: bool = False) -> Any:  # fmt: skip
-        headers = {"Content-Type": content_type} if content_type else None
-        async with self._session().request(method, url, params=params, json=json, headers=headers) as response:
-            body = await response.text()
-            if response.status >= 400:
-                raise ApiError(response.status, method, url, body)
-            if text:
-                return body
-            return await response.json(content_type=None) if body else None
+    @staticmethod
+    def _error(err: httpx2.HTTPStatusError, verb: str, kind: str, namespace: str, name: Optional[str], sub: str = "") -> ApiError:
+        resource = KINDS[kind]._api_info.plural + (f"/{sub}" if sub else "")
+        if isinstance(err, LightkubeApiError):  # the API server's Status object
+            code, reason, message = err.status.code or err.response.status_code, err.status.reason or "", err.status.message or str(err)
+        else:  # an answer without a Status object (e.g. from a proxy in between)
+            code, reason, message = err.response.status_code, err.response.reason_phrase, err.response.text[:300]
+        return (Conflict if code == 409 else ApiError)(verb, resource, namespace, name, code, reason, message)
 
     async def get(self, kind: str, namespace: str, name: str) -> Optional[dict]:
         try:
-            return await self.request("GET", path(kind, namespace, name))
-        except ApiError as err:
-            if err.status == 404:
+            return (await self.client.get(KINDS[kind], name, namespace=namespace)).to_dict()
+        except httpx2.HTTPStatusError as err:
+            if err.response.status_code == 404:
                 return None
-            raise
+            raise self._error(err, "get", kind, namespace, name) from err
 
     async def list(self, kind: str, namespace: str, selector: dict[str, str]) -> list[dict]:
-        query = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-        result = await self.request("GET", path(kind, namespace), params={"labelSelector": query})
-        return list((result or {}).get("items") or [])
+        try:
+            return [item.to_dict() async for item in self.client.list(KINDS[kind], namespace=namespace, labels=selector)]
+        except httpx2.HTTPStatusError as err:
+            raise self._error(err, "list", kind, namespace, None) from err
 
     async def create(self, manifest: dict) -> bool:
         """Create if absent. False when it already existed (409): creation is idempotent."""
-        meta = manifest["metadata"]
+        kind, meta = manifest["kind"], manifest["metadata"]
+        obj = KINDS[kind].from_dict(manifest) if kind != "FineTuneJob" else FineTuneJob(manifest)
         try:
-            await self.request("POST", path(manifest["kind"], meta["namespace"]), json=manifest)
+            await self.client.create(obj, namespace=meta["namespace"])
             return True
-        except ApiError as err:
-            if err.status == 409:
+        except httpx2.HTTPStatusError as err:
+            if err.response.status_code == 409:
                 return False
-            raise
+            raise self._error(err, "create", kind, meta["namespace"], meta["name"]) from err
 
     async def delete(self, kind: str, namespace: str, name: str, grace_seconds: Optional[int] = None) -> bool:
-        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
-        if grace_seconds is not None:
-            body["gracePeriodSeconds"] = grace_seconds
         try:
-            await self.request("DELETE", path(kind, namespace, name), json=body)
+            await self.client.delete(KINDS[kind], name, namespace=namespace, grace_period=grace_seconds, cascade=CascadeType.BACKGROUND)
             return True
-        except ApiError as err:
-            if err.status == 404:
+        except httpx2.HTTPStatusError as err:
+            if err.response.status_code == 404:
                 return False
-            raise
+            raise self._error(err, "delete", kind, namespace, name) from err
 
     async def merge_patch(self, kind: str, namespace: str, name: str, patch: dict) -> None:
-        await self.request("PATCH", path(kind, namespace, name), json=patch, content_type="application/merge-patch+json")
+        try:
+            await self.client.patch(KINDS[kind], name, patch, namespace=namespace, patch_type=PatchType.MERGE)
+        except httpx2.HTTPStatusError as err:
+            raise self._error(err, "patch", kind, namespace, name) from err
 
-    async def patch_status(self, namespace: str, name: str, status: dict) -> Optional[dict]:
-        """Merge-patch a FineTuneJob's status subresource; returns the object as written."""
-        return await self.request("PATCH", path("FineTuneJob", namespace, name, "status"), json={"status": status},
-                                  content_type="application/merge-patch+json")  # fmt: skip
+    async def patch_status(self, namespace: str, name: str, status: dict, resource_version: Optional[str] = None) -> dict:
+        """Merge-patch a FineTuneJob's status subresource; returns the object as written. With a
+        resourceVersion, the write applies only to that version of the job (optimistic
+        concurrency): a newer one answers 409 Conflict, raised as ApiError."""
+        patch: dict[str, Any] = {"status": status}
+        if resource_version:
+            patch["metadata"] = {"resourceVersion": resource_version}
+        try:
+            written = await self.client.patch(FineTuneJob.Status, name, patch, namespace=namespace, patch_type=PatchType.MERGE)
+        except httpx2.HTTPStatusError as err:
+            raise self._error(err, "patch", "FineTuneJob", namespace, name, "status") from err
+        return dict(written)
 
     async def log_tail(self, namespace: str, pod: str, lines: int, container: Optional[str] = None) -> str:
-        params = {"tailLines": str(lines)}
-        if container:
-            params["container"] = container
         try:
-            return await self.request("GET", path("Pod", namespace, pod, "log"), params=params, text=True)
-        except (ApiError, aiohttp.ClientError, asyncio.TimeoutError):
+            return "".join([line async for line in self.client.log(pod, namespace=namespace, container=container, tail_lines=lines)])
+        except httpx2.HTTPError:
             return ""  # logs are a courtesy in the failure message; never fail the cycle for them

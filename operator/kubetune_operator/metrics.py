@@ -23,6 +23,9 @@ JOB_LOSS = Gauge("kubetune_operator_job_loss", "Last training loss reported in p
 JOB_DURATION = Gauge("kubetune_operator_job_duration_seconds", "Seconds since the workers were first created (until completion).", ["namespace", "name"], registry=REGISTRY)
 RECONCILE_TOTAL = Counter("kubetune_operator_reconcile_total", "Reconciliation cycles by result (ok, error).", ["result"], registry=REGISTRY)
 RECONCILE_ERRORS = Counter("kubetune_operator_reconcile_errors_total", "Reconciliation cycles that raised an error.", registry=REGISTRY)
+STATUS_CONFLICTS = Counter("kubetune_operator_status_conflicts_total",
+                           "Status writes refused because the job changed since it was read (409); each is decided again on the newer version.",
+                           registry=REGISTRY)  # fmt: skip
 RECONCILE_DURATION = Histogram("kubetune_operator_reconcile_duration_seconds", "Time of one reconciliation cycle.", registry=REGISTRY,
                                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))  # fmt: skip
 

@@ -1,15 +1,20 @@
-"""`kubetune list|status|logs` over a kubeconfig, against kmock's Kubernetes emulator."""
+"""`kubetune list|status|logs` over a kubeconfig, against the local control plane: a
+FineTuneJob whose status the API server stores (written through the status subresource),
+and a worker pod that the node agent runs, whose log the API server serves (pods/log)."""
 
 from __future__ import annotations
 
-import asyncio
+import copy
 from datetime import datetime, timezone
 
 import pytest
 import yaml
 
+from kube_harness import wait_for
 from kubetune.cli import main
 from kubetune.cli.cluster import job_row
+
+pytestmark = pytest.mark.timeout(180)
 
 JOB = {
     "apiVersion": "kubetune.io/v1alpha1",
@@ -25,6 +30,9 @@ JOB = {
         "conditions": [{"type": "Training", "status": "True", "reason": "Running", "message": "step 40 of 160", "lastTransitionTime": "2026-01-01T10:01:00Z"}],
     },
 }
+# What the `restricted` Pod Security Standard asks of a container.
+RESTRICTED = {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False,
+              "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
 
 
 def test_job_row_from_status():
@@ -38,45 +46,44 @@ def test_job_row_from_status():
 
 
 @pytest.fixture
-def kubeconfig(kmock, tmp_path):
-    kmock.resources["kubetune.io/v1alpha1/finetunejobs"] = kmock.ResourceInfo(kind="FineTuneJob", namespaced=True)
-    kmock.resources["v1/pods"] = kmock.ResourceInfo(kind="Pod", namespaced=True)
-    kmock.objects["kubetune.io/v1alpha1/finetunejobs", "team", "qa-bot"] = JOB
-    kmock["get /api/v1/namespaces/team/pods/qa-bot-worker-0/log"] << b"step 39\nstep 40\n"
+def kubeconfig(control_plane, kube_api, kube_namespace, finetunejob_crd, node_agent, tmp_path) -> str:
+    """The admin's kubeconfig with the test's namespace as its context's, one FineTuneJob with a
+    status, and its worker 0 run by the node agent (its log: two lines)."""
+    base = f"/apis/kubetune.io/v1alpha1/namespaces/{kube_namespace}/finetunejobs"
+    job = copy.deepcopy(JOB)
+    job["metadata"] = {"name": "qa-bot"}
+    status = job.pop("status")
+    kube_api.create(base, job)
+    kube_api.patch(f"{base}/qa-bot/status", {"status": status})
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "qa-bot-worker-0", "labels": {"kubetune.io/job": "qa-bot"}},
+           "spec": {"restartPolicy": "Never", "containers": [{"name": "trainer", "image": "kubetune/test", "securityContext": RESTRICTED,
+                                                             "command": ["python", "-c", "print('step 39'); print('step 40')"]}]}}  # fmt: skip
+    kube_api.create(f"/api/v1/namespaces/{kube_namespace}/pods", pod)
+    wait_for(lambda: kube_api.get(f"/api/v1/namespaces/{kube_namespace}/pods/qa-bot-worker-0")["status"].get("phase") == "Succeeded",
+             60, "the worker pod run by the node agent")  # fmt: skip
+    config = yaml.safe_load(control_plane.kubeconfig.read_text())
+    config["contexts"][0]["context"]["namespace"] = kube_namespace
     path = tmp_path / "kubeconfig"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "mock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
-                "users": [{"name": "me", "user": {"token": "t"}}],
-                "contexts": [{"name": "mock", "context": {"cluster": "mock", "user": "me", "namespace": "team"}}],
-                "current-context": "mock",
-            }
-        )
-    )
+    path.write_text(yaml.safe_dump(config))
     return str(path)
 
 
-async def cli(*args: str) -> int:
-    # The kubernetes client is synchronous; the emulator answers on this test's event loop.
-    return await asyncio.to_thread(main, list(args))
-
-
-@pytest.mark.asyncio
-async def test_list_status_logs(kubeconfig, capsys, monkeypatch):
+def test_list_status_logs(kubeconfig, kube_namespace, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
-    assert await cli("list", "--kubeconfig", kubeconfig) == 0
+    assert main(["list", "--kubeconfig", kubeconfig]) == 0
     out = capsys.readouterr().out
     assert "qa-bot" in out and "Running" in out and "40/160 (25%)" in out and "1.2346" in out
 
-    assert await cli("status", "qa-bot", "--kubeconfig", kubeconfig) == 0
+    assert main(["status", "qa-bot", "--kubeconfig", kubeconfig]) == 0
     out = capsys.readouterr().out
-    assert "FineTuneJob team/qa-bot" in out and "step-000000040" in out and "step 40 of 160" in out and "300 s" in out
+    # (the table's title wraps at the table's width: the namespace is long)
+    assert "FineTuneJob" in out and f"{kube_namespace}/qa-bot" in out
+    assert "step-000000040" in out and "step 40 of 160" in out and "300 s" in out
 
-    assert await cli("logs", "qa-bot", "--kubeconfig", kubeconfig) == 0
+    assert main(["logs", "qa-bot", "--kubeconfig", kubeconfig]) == 0
     assert capsys.readouterr().out == "step 39\nstep 40\n"
 
-    assert await cli("status", "missing", "--kubeconfig", kubeconfig) == 1
+    assert main(["status", "missing", "--kubeconfig", kubeconfig]) == 1
     assert "kubetune status: not found" in capsys.readouterr().err
+    assert main(["list", "-A", "--kubeconfig", kubeconfig]) == 0
+    assert kube_namespace in capsys.readouterr().out

@@ -47,7 +47,8 @@ def outage_s3(_outage_server, monkeypatch):
     if _outage_server.proc is None:
         _outage_server.start()
 
-# The operator tests' harness (operator_harness, kube_emulator) is imported by module name.
+# The operator tests' harness (operator_harness) is imported by module name, with its fixtures.
 _operator_tests = str(Path(__file__).resolve().parents[1] / "operator")
 if _operator_tests not in sys.path:
     sys.path.insert(0, _operator_tests)
+from operator_harness import audit, ns, operator, operator_options  # noqa: E402,F401 (fixtures)

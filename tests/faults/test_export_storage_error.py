@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kube_emulator import Cluster
 
-import operator_harness as harness
 from kubetune import exitcodes
 from kubetune.progress import parse_progress
 from kubetune.storage import open_store
 from kubetune.testing import SeaweedS3
+from operator_harness import EXAMPLE, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -107,30 +106,12 @@ def test_failed_export_is_not_success_and_a_restart_exports_without_retraining(t
     assert parse_progress(open_store(checkpoints).get_bytes("progress.json")).phase == "done"
 
 
-def test_operator_does_not_call_a_storage_error_success(tmp_path):
-    cluster = Cluster(tmp_path).start()
-    api, kubectl = harness.Api(cluster.url), harness.Kubectl(cluster, tmp_path)
-    os.environ["KUBETUNE_API_SERVER"] = cluster.url
-    operator = harness.Operator(cluster, harness_settings()).start()
-    try:
-        api.create_secret("s3-credentials", {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"})
-        kubectl.apply(harness.REPO / "examples" / "lora-multinode.yaml")
-        harness.wait_for(lambda: {"qa-bot-worker-0", "qa-bot-worker-1"} <= set(cluster.objects("pods")), timeout=60, what="workers")
-        cluster.run(lambda e: e.logs.__setitem__(("default", "qa-bot-worker-0"), "kubetune.storage.StorageError: s3://models/qa-bot/adapter: upload failed\n"))
-        api.set_pod_status("qa-bot-worker-1", "Succeeded", exit_code=0)
-        api.set_pod_status("qa-bot-worker-0", "Failed", exit_code=exitcodes.STORAGE_ERROR)
-        status = harness.wait_for(lambda: (kubectl.get_json("ftj", "qa-bot").get("status") or {}).get("restarts") == 1
-                                  and kubectl.get_json("ftj", "qa-bot")["status"], timeout=60, what="gang restart")  # fmt: skip
-        assert status["phase"] in ("Restarting", "Pending", "Running") and not status.get("outputs", {}).get("mergedUri")
-        assert "qa-bot-merge" not in cluster.objects("pods")
-    finally:
-        operator.stop()
-        os.environ.pop("KUBETUNE_API_SERVER", None)
-        cluster.stop()
-
-
-def harness_settings():
-    from kubetune.testing import free_port
-    from kubetune_operator.settings import Settings
-
-    return Settings(reconcile_interval=0.3, metrics_port=free_port(), liveness_port=free_port(), trainer_image="kubetune/trainer:test")
+def test_operator_does_not_call_a_storage_error_success(operator, ns, kubectl):
+    ns.create_secret("s3-credentials", {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"})
+    kubectl.apply(EXAMPLE)
+    wait_for(lambda: {"qa-bot-worker-0", "qa-bot-worker-1"} <= set(ns.workers("qa-bot")), what="workers")
+    ns.set_pod_status("qa-bot-worker-1", "Succeeded", exit_code=0)
+    ns.set_pod_status("qa-bot-worker-0", "Failed", exit_code=exitcodes.STORAGE_ERROR)
+    status = wait_for(lambda: ns.status("qa-bot").get("restarts") == 1 and ns.status("qa-bot"), what="gang restart")
+    assert status["phase"] in ("Restarting", "Pending", "Running") and not status.get("outputs", {}).get("mergedUri")
+    assert not ns.pods("qa-bot", "merge")

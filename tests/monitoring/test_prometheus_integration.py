@@ -1,19 +1,17 @@
 """The real Prometheus scrapes a live training job end to end: the real operator
-(`python -m kubetune_operator`, as its image runs it) reconciles a FineTuneJob on the kmock
-API server, the trainer runs the job document from the operator's ConfigMap (as the worker
-pod would) with SeaweedFS as its S3, the operator follows it through progress.json, and
-kubetune-serve then serves the trained adapter and answers a few requests. The recorded
+(`python -m kubetune_operator`, as its image runs it, logged in as the chart's ServiceAccount)
+reconciles a FineTuneJob on the local control plane (tests/cluster), the trainer runs the job
+document from the operator's ConfigMap (as the worker pod would) with SeaweedFS as its S3,
+the operator follows it through progress.json, and kubetune-serve then serves the trained adapter and answers a few requests. The recorded
 series are read back through Prometheus's HTTP API and compared with what the trainer
 printed and the requests sent; the chart's alert rules and every dashboard query then run
 on these series."""
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,22 +28,15 @@ from promql import dashboard_queries, grafana_to_promql, load_dashboards
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "operator"))
-from kube_emulator import Cluster  # noqa: E402  (the operator tests' API server)
+from kube_harness import create_namespace, namespace_name  # noqa: E402  (the control plane's harness)
+from operator_harness import Namespace, running_operator  # noqa: E402  (the operator tests' harness)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 FILES = REPO / "charts" / "kubetune" / "files"
-JOB, NAMESPACE = "prom-e2e", "default"
+JOB = "prom-e2e"
 SELECTOR = f'{{job="kubetune-trainer", finetunejob="{JOB}"}}'
 BIN = Path(sys.executable).parent
-
-
-def rest(cluster: Cluster, method: str, path: str, body=None, content_type="application/json"):
-    request = urllib.request.Request(cluster.url + path, method=method, headers={"Content-Type": content_type},
-                                     data=json.dumps(body).encode() if body is not None else None)
-    with urllib.request.urlopen(request, timeout=10) as response:
-        raw = response.read()
-    return json.loads(raw) if raw else None
 
 
 def wait_until(predicate, what: str, timeout: float = 60.0):
@@ -71,7 +62,7 @@ def job_document(seaweed) -> dict:
     return {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
-        "metadata": {"name": JOB, "namespace": NAMESPACE},
+        "metadata": {"name": JOB},
         "spec": {
             "model": {"uri": "s3://models/tiny"},
             "dataset": {"uri": f"s3://data/{JOB}.jsonl", "format": "prompt_response"},
@@ -118,83 +109,62 @@ def generated_tokens(port: int) -> float:
     return sum(s.value for s in families["kubetune_serve_generated_tokens"].samples if s.name.endswith("_total"))
 
 
-def set_pod(cluster: Cluster, name: str, phase: str, exit_code=None) -> None:
-    status = {"phase": phase}
-    if exit_code is not None:
-        status["containerStatuses"] = [{"name": "trainer", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
-                                        "state": {"terminated": {"exitCode": exit_code, "reason": "Completed"}}}]
-    rest(cluster, "PATCH", f"/api/v1/namespaces/{NAMESPACE}/pods/{name}/status", {"status": status}, "application/merge-patch+json")
-
-
 @pytest.fixture(scope="module")
-def recorded(tmp_path_factory, tiny_model_dir, seaweed):
+def recorded(tmp_path_factory, tiny_model_dir, seaweed, control_plane, kube_api, finetunejob_crd, request):
     """Prometheus that scraped the operator and a whole trainer run of one FineTuneJob."""
     work = tmp_path_factory.mktemp("prometheus-e2e")
-    trainer_port, operator_port, liveness_port, serve_port, prometheus_port = free_ports(5)
+    trainer_port, serve_port, prometheus_port = free_ports(3)
     upload_inputs(seaweed, tiny_model_dir)
-    cluster = Cluster(work).start()
-    server = PrometheusServer(work, prometheus_port, scrape_configs=[
-        {"job_name": "kubetune-trainer", "static_configs": [{"targets": [f"127.0.0.1:{trainer_port}"]}]},
-        # The chart's serving PodMonitor adds finetunejob from the pod label kubetune.io/job.
-        {"job_name": "kubetune-serving", "static_configs": [{"targets": [f"127.0.0.1:{serve_port}"], "labels": {"finetunejob": JOB}}]},
-        # honor_labels as the chart's ServiceMonitor: the series keep the job's own namespace.
-        {"job_name": "kubetune-operator", "honor_labels": True,
-         "static_configs": [{"targets": [f"127.0.0.1:{operator_port}"], "labels": {"namespace": "kubetune-system"}}]},
-    ], rule_files=(FILES / "prometheus-rules.yaml",))
-    operator = serving = None
-    try:
-        server.start()
-        secret = {k: base64.b64encode(seaweed.env[k].encode()).decode() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-        rest(cluster, "POST", f"/api/v1/namespaces/{NAMESPACE}/secrets",
-             {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials", "namespace": NAMESPACE}, "data": secret})
-        rest(cluster, "POST", f"/apis/kubetune.io/v1alpha1/namespaces/{NAMESPACE}/finetunejobs", job_document(seaweed))
-        operator_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        operator_env.update(KUBETUNE_API_SERVER=cluster.url, KUBETUNE_OPERATOR_METRICS_PORT=str(operator_port),
-                            KUBETUNE_OPERATOR_LIVENESS_PORT=str(liveness_port), KUBETUNE_RECONCILE_INTERVAL="0.5")
-        operator = subprocess.Popen([sys.executable, "-m", "kubetune_operator"], env=operator_env, cwd=work,
-                                    stdout=open(work / "operator.log", "wb"), stderr=subprocess.STDOUT)
-        config = wait_until(lambda: cluster.objects("configmaps", NAMESPACE).get(f"{JOB}-config"), "the job's ConfigMap")
-        wait_until(lambda: cluster.objects("pods", NAMESPACE).get(f"{JOB}-worker-0"), "worker pod 0")
-        set_pod(cluster, f"{JOB}-worker-0", "Running")
+    ns = Namespace(kube_api, create_namespace(kube_api, namespace_name(request.node.name)))
+    with running_operator(control_plane, kube_api, ns.name, work, interval="0.5") as operator:
+        server = PrometheusServer(work, prometheus_port, scrape_configs=[
+            {"job_name": "kubetune-trainer", "static_configs": [{"targets": [f"127.0.0.1:{trainer_port}"]}]},
+            # The chart's serving PodMonitor adds finetunejob from the pod label kubetune.io/job.
+            {"job_name": "kubetune-serving", "static_configs": [{"targets": [f"127.0.0.1:{serve_port}"], "labels": {"finetunejob": JOB}}]},
+            # honor_labels as the chart's ServiceMonitor: the series keep the job's own namespace.
+            {"job_name": "kubetune-operator", "honor_labels": True,
+             "static_configs": [{"targets": [f"127.0.0.1:{operator.metrics_port}"], "labels": {"namespace": "kubetune-system"}}]},
+        ], rule_files=(FILES / "prometheus-rules.yaml",))
+        serving = None
+        try:
+            server.start()
+            ns.create_secret("s3-credentials", {k: seaweed.env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
+            kube_api.create(f"/apis/kubetune.io/v1alpha1/namespaces/{ns.name}/finetunejobs", job_document(seaweed))
+            config = wait_until(lambda: ns.get("configmaps", f"{JOB}-config"), "the job's ConfigMap")
+            wait_until(lambda: ns.get("pods", f"{JOB}-worker-0"), "worker pod 0")
+            ns.set_pod_status(f"{JOB}-worker-0", "Running")
 
-        # What worker 0 runs (contract 9), in this process tree: the operator's job document.
-        (work / "job.yaml").write_text(config["data"]["job.yaml"])
-        env = {**os.environ, **seaweed.env, "OMP_NUM_THREADS": "1", "KUBETUNE_METRICS_PORT": str(trainer_port)}
-        run = subprocess.run([str(BIN / "kubetune-train"), "--job", str(work / "job.yaml")],
-                             capture_output=True, text=True, timeout=600, env=env, cwd=work)
-        assert run.returncode == 0, run.stderr[-3000:]
-        events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-        set_pod(cluster, f"{JOB}-worker-0", "Succeeded", exit_code=0)
-        server.wait_for(f'kubetune_operator_job_phase{{name="{JOB}", phase="Succeeded"}} == 1', timeout=60)
+            # What worker 0 runs (contract 9), in this process tree: the operator's job document.
+            (work / "job.yaml").write_text(config["data"]["job.yaml"])
+            env = {**os.environ, **seaweed.env, "OMP_NUM_THREADS": "1", "KUBETUNE_METRICS_PORT": str(trainer_port)}
+            run = subprocess.run([str(BIN / "kubetune-train"), "--job", str(work / "job.yaml")],
+                                 capture_output=True, text=True, timeout=600, env=env, cwd=work)
+            assert run.returncode == 0, run.stderr[-3000:]
+            events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+            ns.set_pod_status(f"{JOB}-worker-0", "Succeeded", exit_code=0)
+            server.wait_for(f'kubetune_operator_job_phase{{name="{JOB}", phase="Succeeded"}} == 1', timeout=60)
 
-        # What the serving Deployment runs: the trained adapter on its base, both from S3.
-        (done,) = [e for e in events if e["event"] == "done"]
-        serving = subprocess.Popen([str(BIN / "kubetune-serve"), "--model", done["outputs"]["adapter"], "--base-model", "s3://models/tiny",
-                                    "--job", str(work / "job.yaml"), "--host", "127.0.0.1", "--port", str(serve_port),
-                                    "--cache-dir", str(work / "serve-cache")],
-                                   env=env, cwd=work, stdout=open(work / "serve.log", "wb"), stderr=subprocess.STDOUT)
-        wait_until(lambda: http_status(f"http://127.0.0.1:{serve_port}/readyz") == 200, "kubetune-serve ready", timeout=180)
-        warmup_tokens = generated_tokens(serve_port)  # the server's own warm-up generation
-        answered = [chat(serve_port, f"What is {i} plus 1?") for i in range(4)]
-        assert chat(serve_port, None) == 400  # a request without messages: a client error, not a 5xx
-        server.wait_for(f'sum(kubetune_serve_requests_total{{endpoint="/v1/chat/completions"}}) >= {len(answered) + 1}')
-        # rate() needs two samples: wait until even the newest series (the error) has a few.
-        server.wait_for("count_over_time(kubetune_serve_errors_total[5m]) >= 3")
-        yield SimpleNamespace(server=server, events=events, liveness_port=liveness_port, answered=answered,
-                              warmup_tokens=warmup_tokens)
-    finally:
-        if serving is not None:
-            serving.terminate()
-            serving.wait(timeout=20)
-        if operator is not None:
-            operator.send_signal(signal.SIGTERM)
-            try:
-                operator.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                operator.kill()
-                operator.wait()
-        server.stop()
-        cluster.stop()
+            # What the serving Deployment runs: the trained adapter on its base, both from S3.
+            (done,) = [e for e in events if e["event"] == "done"]
+            serving = subprocess.Popen([str(BIN / "kubetune-serve"), "--model", done["outputs"]["adapter"], "--base-model", "s3://models/tiny",
+                                        "--job", str(work / "job.yaml"), "--host", "127.0.0.1", "--port", str(serve_port),
+                                        "--cache-dir", str(work / "serve-cache")],
+                                       env=env, cwd=work, stdout=open(work / "serve.log", "wb"), stderr=subprocess.STDOUT)
+            wait_until(lambda: http_status(f"http://127.0.0.1:{serve_port}/readyz") == 200, "kubetune-serve ready", timeout=180)
+            warmup_tokens = generated_tokens(serve_port)  # the server's own warm-up generation
+            answered = [chat(serve_port, f"What is {i} plus 1?") for i in range(4)]
+            assert chat(serve_port, None) == 400  # a request without messages: a client error, not a 5xx
+            server.wait_for(f'sum(kubetune_serve_requests_total{{endpoint="/v1/chat/completions"}}) >= {len(answered) + 1}')
+            # rate() needs two samples: wait until even the newest series (the error) has a few.
+            server.wait_for("count_over_time(kubetune_serve_errors_total[5m]) >= 3")
+            yield SimpleNamespace(server=server, events=events, liveness_port=operator.liveness_port, answered=answered,
+                                  warmup_tokens=warmup_tokens, namespace=ns.name)
+        finally:
+            if serving is not None:
+                serving.terminate()
+                serving.wait(timeout=20)
+            server.stop()
+    kube_api.delete(f"/api/v1/namespaces/{ns.name}")
 
 
 def test_prometheus_recorded_the_losses_and_steps_the_trainer_printed(recorded):
@@ -223,7 +193,7 @@ def test_prometheus_recorded_the_operator_following_the_job(recorded):
     phases = [r["metric"]["phase"] for r in server.query(f'max_over_time(kubetune_operator_job_phase{{name="{JOB}"}}[10m]) == 1')]
     assert {"Running", "Succeeded"} <= set(phases)
     (current,) = server.query(f'kubetune_operator_job_phase{{name="{JOB}"}} == 1')
-    assert current["metric"]["phase"] == "Succeeded" and current["metric"]["namespace"] == NAMESPACE
+    assert current["metric"]["phase"] == "Succeeded" and current["metric"]["namespace"] == recorded.namespace
     # The operator read the trainer's progress.json from S3 while it ran.
     progress = [v for _, v in server.samples(f'kubetune_operator_job_progress_ratio{{name="{JOB}"}}')]
     assert progress[-1] == 1.0 and progress == sorted(progress)

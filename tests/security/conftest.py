@@ -1,5 +1,5 @@
-"""The operator tests' harness (kmock cluster, real kubectl, in-process operator) is imported
-from tests/operator by module name (operator_harness, kube_emulator), not copied."""
+"""The operator tests' harness (operator_harness: the chart's RBAC, the operator process) is
+imported from tests/operator by module name, not copied."""
 
 from __future__ import annotations
 
