@@ -8,7 +8,7 @@ import queue
 import pytest
 from serve_helpers import reference_ids
 
-from kubetune.serve.engine import Delta, Engine, Finished, QueueFull
+from kubetune.serve.engine import Delta, Engine, Failed, Finished, QueueFull
 from kubetune.serve.sampling import SamplingParams
 
 PROMPTS = [
@@ -144,3 +144,58 @@ def test_prompt_longer_than_the_context_is_refused(tiny):
     engine = Engine(tiny.model, tiny.tokenizer)
     with pytest.raises(ValueError, match="context"):
         engine.submit([5] * engine.context_length, SamplingParams(max_tokens=1))
+
+
+def _events(handle) -> list:
+    out = []
+    while True:
+        try:
+            out.append(handle.next_event_blocking(timeout=0))
+        except queue.Empty:
+            return out
+
+
+# Settings that break the arithmetic of one row (the HTTP layer refuses them with a 400; the
+# engine must still survive them if they ever get through): a seed beyond 64 bits, and
+# penalties/temperatures whose scaled logits overflow to inf/nan.
+POISON = [
+    SamplingParams(max_tokens=6, temperature=1.0, seed=2**64),
+    SamplingParams(max_tokens=6, temperature=1.0, repetition_penalty=5e-324),
+    SamplingParams(max_tokens=6, temperature=1e-40),
+]
+
+
+def test_a_poisoned_row_ends_only_its_own_request(tiny):
+    engine = Engine(tiny.model, tiny.tokenizer, max_batch=8)
+    ids = _ids(tiny.tokenizer, PROMPTS[1])
+    innocent_params = SamplingParams(max_tokens=40, ignore_eos=True)
+    solo = engine.submit(ids, innocent_params)
+    solo_pieces = []  # what the request receives alone, piece by piece
+    while not any(isinstance(e, Finished) for e in solo_pieces):
+        engine.step()
+        solo_pieces += _events(solo)
+
+    innocent = engine.submit(ids, innocent_params)
+    # Poison arrives with the innocent request (same prefill), joins it mid-way (its own
+    # prefill, then the shared decode steps), and with several rows (n=3) of one request.
+    poisoned = [engine.submit(_ids(tiny.tokenizer, PROMPTS[0]), p) for p in POISON]
+    received = {id(h): [] for h in [innocent, *poisoned]}
+    step = 0
+    while not any(isinstance(e, Finished) for e in received[id(innocent)]):
+        engine.step()
+        step += 1
+        if step in (5, 12):
+            for params in POISON:
+                handle = engine.submit(_ids(tiny.tokenizer, PROMPTS[2]), params, n=3 if step == 12 else 1)
+                poisoned.append(handle)
+                received[id(handle)] = []
+        for handle in [innocent, *poisoned]:
+            received[id(handle)] += _events(handle)
+        # A failed request leaves the batch at once: only the innocent row keeps running.
+        finished = any(isinstance(e, Finished) for e in received[id(innocent)])
+        assert engine.running == (0 if finished else 1)
+    assert received[id(innocent)] == solo_pieces  # the same pieces, byte for byte, as alone
+    for handle in poisoned:
+        events = received[id(handle)]
+        assert len(events) == 1 and isinstance(events[0], Failed), events
+    assert engine.running == 0
