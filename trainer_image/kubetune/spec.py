@@ -13,10 +13,10 @@ from __future__ import annotations
 import enum
 import functools
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "kubetune.io"
@@ -334,12 +334,29 @@ class OutputSpec(SpecModel):
     merge: StrictBool = Field(True, description="Merge a LoRA adapter into the base model for serving.")
 
 
+# Sampling settings keep every scaled logit (logit x penalty / temperature: at most 10^4 x the
+# logit) far inside float range; beyond them one request's distribution becomes inf/nan.
+MIN_SAMPLING_TEMPERATURE = 0.01
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+
+
+def check_temperature(value: float) -> float:
+    """0 (greedy) or a temperature from MIN_SAMPLING_TEMPERATURE up."""
+    if 0 < value < MIN_SAMPLING_TEMPERATURE:
+        raise ValueError(f"use 0 for greedy decoding or a temperature from {MIN_SAMPLING_TEMPERATURE} to 2")
+    return value
+
+
 class GenerationSpec(SpecModel):
-    temperature: StrictFloat = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature (0 = greedy).")
+    temperature: Annotated[StrictFloat, AfterValidator(check_temperature)] = Field(
+        0.7, ge=0.0, le=2.0, description="Sampling temperature: 0 = greedy, else 0.01 to 2."
+    )
     top_p: StrictFloat = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     top_k: StrictInt = Field(50, ge=0, description="Sample among the K likeliest tokens (0 = all).")
     max_tokens: StrictInt = Field(256, ge=1, description="Longest answer in tokens.")
-    repetition_penalty: StrictFloat = Field(1.0, gt=0.0, description="Penalty for repeated tokens (1 = off).")
+    repetition_penalty: StrictFloat = Field(
+        1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, description="Penalty for repeated tokens (1 = off)."
+    )
     no_repeat_ngram_size: StrictInt = Field(0, ge=0, description="Forbid repeating n-grams of this size (0 = off).")
     num_beams: StrictInt = Field(1, ge=1, description="Beam search width (1 = off).")
     do_sample: Optional[StrictBool] = Field(None, description="Sample instead of greedy decoding (default: temperature > 0).")
