@@ -27,6 +27,15 @@ CASES = {
         "metadata: {name: a}\nspec: {model: {uri: m}, dataset: {uri: d}, affinity: {x: " + "[" * 500 + "]" * 500 + "}}\n",
         ["job.yaml:4: spec.affinity.x.0.0.0.…: nested deeper than 64 levels"],
     ),
+    "more-than-10000-values": (  # refused while composing: a 1.5 MiB file of tiny values costs seconds, not minutes
+        "metadata: {name: a}\nspec:\n  model: {uri: m}\n  dataset: {uri: d}\n  affinity:\n" + "".join(f"    k{i}: [1, 2]\n" for i in range(6000)),
+        ["job.yaml:2502: spec.affinity.k2494: the document has more than 10000 values"],
+    ),
+    "alias-bomb": (
+        "metadata: {name: a}\nspec:\n  model: {uri: m}\n  dataset: {uri: d}\n  affinity:\n    l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n"
+        + "".join(f"    l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]\n" for i in range(1, 6)),
+        ["job.yaml:8: spec.affinity.l3.7.8.8: the document has more than 10000 values once its YAML aliases are expanded"],
+    ),
     "5000-digit-integer": (
         "metadata: {name: a}\nspec:\n  model: {uri: m}\n  dataset: {uri: d}\n  training:\n    seed: " + "1" * 5000 + "\n",
         [f"job.yaml:8: spec.training.seed: integer out of range: {INT64}"],

@@ -459,34 +459,41 @@ class SpecError(ValueError):
 # Limits of the API server, applied to job files so that `kubetune validate` refuses what
 # `kubectl apply` would (and never runs out of time, memory or stack on a hostile file):
 # etcd stores objects of at most 1.5 MiB, JSON numbers are int64 or finite float64, and
-# strict field validation refuses duplicate fields. Nesting and the size after YAML aliases
-# are ours: a FineTuneJob needs a handful of levels and a few hundred values.
+# strict field validation refuses duplicate fields. Nesting and the number of values (also
+# once YAML aliases are expanded) are ours: a FineTuneJob has a handful of levels and a few
+# hundred values, and composing 10,000 takes PyYAML about a second.
 MAX_JOB_BYTES = 1536 * 1024
-MAX_YAML_NODES = 100_000
+MAX_YAML_NODES = 10_000
 MAX_YAML_DEPTH = 64
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _INT_TAG, _FLOAT_TAG, _MERGE_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:merge"
 
 
-class _NestedTooDeep(yaml.YAMLError):
-    def __init__(self, path: tuple, mark):
-        super().__init__(f"nested deeper than {MAX_YAML_DEPTH} levels")
+class _OverLimit(yaml.YAMLError):
+    """The document is nested too deep or has too many values (found while composing it)."""
+
+    def __init__(self, message: str, path: tuple, mark):
+        super().__init__(message)
         self.path, self.problem_mark = path, mark
 
 
 class _JobLoader(yaml.SafeLoader):
     """PyYAML's safe loader that stops composing past MAX_YAML_DEPTH levels (its composer
-    recurses once per level and would exhaust the stack first)."""
+    recurses once per level and would exhaust the stack first) or MAX_YAML_NODES values."""
 
     def __init__(self, text: str):
         super().__init__(text)
         self._path: list = []
+        self._nodes = 0
 
     def compose_node(self, parent, index):
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            raise _OverLimit(f"the document has more than {MAX_YAML_NODES} values", tuple(self._path), self.peek_event().start_mark)
         if parent is None:
             return super().compose_node(parent, index)
         if len(self._path) >= MAX_YAML_DEPTH:
-            raise _NestedTooDeep(tuple(self._path), self.peek_event().start_mark)
+            raise _OverLimit(f"nested deeper than {MAX_YAML_DEPTH} levels", tuple(self._path), self.peek_event().start_mark)
         self._path.append(index.value if isinstance(index, yaml.ScalarNode) else index)
         try:
             return super().compose_node(parent, index)
@@ -528,7 +535,8 @@ def _inspect(root: Optional[yaml.Node], loader: yaml.SafeLoader) -> tuple[dict[t
         nonlocal visits
         visits += 1
         if visits > MAX_YAML_NODES:
-            raise _Stop(f"the document has more than {MAX_YAML_NODES} values once its YAML aliases are expanded")
+            refuse(path, line, f"the document has more than {MAX_YAML_NODES} values once its YAML aliases are expanded")
+            raise _Stop
         index.setdefault(path, line)
         if id(node) in on_path:
             return refuse(path, line, "the value contains itself (a recursive YAML alias)")
@@ -564,13 +572,13 @@ def _inspect(root: Optional[yaml.Node], loader: yaml.SafeLoader) -> tuple[dict[t
     if root is not None:
         try:
             walk(root, (), root.start_mark.line + 1)
-        except _Stop as stop:
-            problems.append(("", None, str(stop)))
+        except _Stop:
+            pass
     return index, problems
 
 
 class _Stop(Exception):
-    pass
+    """Ends the walk of a document over MAX_YAML_NODES values."""
 
 
 def _number_problem(node: yaml.ScalarNode, loader: yaml.SafeLoader) -> Optional[str]:
@@ -586,7 +594,7 @@ def _number_problem(node: yaml.ScalarNode, loader: yaml.SafeLoader) -> Optional[
 
 def _yaml_problem(err: yaml.YAMLError, text: str) -> tuple[str, Optional[int], str]:
     """A YAML error as one problem with its line."""
-    if isinstance(err, _NestedTooDeep):
+    if isinstance(err, _OverLimit):
         return _shown(err.path), err.problem_mark.line + 1, str(err)
     if isinstance(err, yaml.reader.ReaderError):  # a character YAML does not allow (NUL, ...): no mark, a position
         return "", text.count("\n", 0, err.position) + 1, f"invalid YAML: unacceptable character #x{err.character:04x}: {err.reason}"
