@@ -36,6 +36,8 @@ def _drain(engine, handles):
                     event = h.next_event_blocking(timeout=0)
                 except queue.Empty:
                     break
+                if isinstance(event, Failed):
+                    raise AssertionError(event.message)
                 if isinstance(event, Finished):
                     done[id(h)][event.index] = event.token_ids
     return [[done[id(h)][i] for i in range(h.n)] for h in handles]
@@ -199,3 +201,47 @@ def test_a_poisoned_row_ends_only_its_own_request(tiny):
         events = received[id(handle)]
         assert len(events) == 1 and isinstance(events[0], Failed), events
     assert engine.running == 0
+
+
+def test_the_transformers_cache_api_the_engine_relies_on(tiny):
+    """Rows move between batches through transformers' public cache API only (transformers >= 5.24):
+    `cache=` in and `.cache` out of the forward, without a deprecation warning; a DynamicCache
+    iterates per layer as (keys, values, ...) shaped [rows, heads, tokens, head_dim]; one built
+    from such pairs continues generation exactly as the cache it was cut from."""
+    import warnings
+
+    import torch
+    from transformers import DynamicCache
+
+    model, tok = tiny.model, tiny.tokenizer
+    first, second = _ids(tok, PROMPTS[2])[:6], _ids(tok, PROMPTS[4])[:6]
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("error")
+        cache = model(input_ids=torch.tensor([first, second]), cache=None, use_cache=True).cache
+        assert type(cache) is DynamicCache
+        layers = list(cache)
+        assert len(layers) == model.config.num_hidden_layers
+        kv_heads = model.config.num_key_value_heads
+        head_dim = model.config.hidden_size // model.config.num_attention_heads
+        assert all(keys.shape == values.shape == (2, kv_heads, 6, head_dim) for keys, values, *_ in layers)
+        second_alone = DynamicCache([(keys[1:], values[1:]) for keys, values, *_ in cache])
+        following = torch.tensor([[first[-1]], [second[-1]]])
+        both = model(input_ids=following, cache=cache, use_cache=True).logits
+        alone = model(input_ids=following[1:], cache=second_alone, use_cache=True).logits
+    torch.testing.assert_close(alone[0], both[1])
+    assert [keys.shape[2] for keys, *_ in second_alone] == [7] * len(layers)  # the forward appended to the cache it was given
+
+
+def test_joining_and_leaving_use_no_deprecated_transformers_api(tiny):
+    import warnings
+
+    engine = Engine(tiny.model, tiny.tokenizer, max_batch=8)
+    tok = tiny.tokenizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        first = engine.submit(_ids(tok, PROMPTS[1]), SamplingParams(max_tokens=12))
+        engine.step()
+        joined = engine.submit(_ids(tok, PROMPTS[0]), SamplingParams(max_tokens=3))  # joins, then leaves first
+        outputs = _drain(engine, [first, joined])
+    assert outputs[0][0] == reference_ids(tiny.model, _ids(tok, PROMPTS[1]), 12, engine.eos_ids)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-from transformers import StoppingCriteria
+from transformers import DynamicCache, StoppingCriteria
 
 from .metrics import ServeMetrics
 from .sampling import SamplingParams, choose_next_tokens
@@ -168,9 +168,14 @@ class _Row:
 
 
 class _Batch:
-    """Rows generating together; `cache` holds prompt + generated[:-1] of every row."""
+    """Rows generating together; `cache` holds prompt + generated[:-1] of every row.
 
-    def __init__(self, rows: list[_Row], mask: torch.Tensor, cache):
+    Rows leave and join through transformers' public cache API only: a DynamicCache yields
+    each layer's keys and values ([rows, heads, columns, head_dim]) when iterated, and is
+    built from such pairs; the forward pass appends to the cache it is given.
+    """
+
+    def __init__(self, rows: list[_Row], mask: torch.Tensor, cache: DynamicCache):
         self.rows = rows
         self.mask = mask  # [B, L], 1 = real token, left padding = 0
         self.cache = cache
@@ -186,9 +191,7 @@ class _Batch:
         # Columns that are padding in every remaining row are dropped.
         start = int((self.mask.sum(0) > 0).nonzero()[0])
         self.mask = self.mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
+        self.cache = DynamicCache([(keys[index, :, start:], values[index, :, start:]) for keys, values, *_ in self.cache])
 
     def extend(self, other: "_Batch") -> None:
         length = max(self.mask.shape[1], other.mask.shape[1])
@@ -202,9 +205,12 @@ class _Batch:
             return torch.cat([t.new_zeros(shape), t], dim=dim)
 
         self.mask = torch.cat([pad(self.mask, 1), pad(other.mask, 1)])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)])
-            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)])
+        self.cache = DynamicCache(
+            [
+                (torch.cat([pad(my_keys, 2), pad(their_keys, 2)]), torch.cat([pad(my_values, 2), pad(their_values, 2)]))
+                for (my_keys, my_values, *_), (their_keys, their_values, *_) in zip(self.cache, other.cache)
+            ]
+        )
         self.rows += other.rows
 
 
@@ -335,12 +341,16 @@ class Engine:
         peft_config = getattr(self.model, "peft_config", None)
         if peft_config and any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
             return False
-        from transformers.cache_utils import DynamicLayer
-
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([[self.pad_id]], device=self.device), use_cache=True)
-        layers = getattr(out.past_key_values, "layers", None)
-        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+            cache = self.model(input_ids=torch.tensor([[self.pad_id]], device=self.device), use_cache=True).cache
+        # Rows can be moved between caches only when every layer keeps one key/value column per
+        # token (no sliding window, recurrent state or shared layer).
+        return (
+            type(cache) is DynamicCache
+            and len(cache) > 0
+            and not any(cache.is_sliding + cache.is_linear + cache.is_dummy)
+            and all(keys is not None and keys.dim() == 4 and keys.shape[2] == 1 for keys, *_ in cache)
+        )
 
     def _work(self) -> None:
         with torch.inference_mode():
@@ -451,11 +461,9 @@ class Engine:
             else:
                 self._batch.extend(new)
 
-    def _forward(self, input_ids, mask, positions, cache=None):
-        out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
-        )
-        return out.logits[:, -1, :], out.past_key_values
+    def _forward(self, input_ids, mask, positions, cache: Optional[DynamicCache] = None):
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :], out.cache
 
     def _prefill(self, handles: list[RequestHandle]) -> Optional[_Batch]:
         rows = []
