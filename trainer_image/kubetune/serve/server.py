@@ -389,7 +389,7 @@ def create_app(settings: ServeSettings, metrics: Optional[ServeMetrics] = None, 
         if err.status_code == 404:
             api_error = APIError(404, f"There is no {path}; this server answers {', '.join(ENDPOINTS)}", code="not_found")
         elif err.status_code == 405:
-            api_error = APIError(405, f"{request.method} is not allowed on {path}; use {err.headers.get('Allow')}", code="method_not_allowed")
+            api_error = APIError(405, f"{request.method} is not allowed on {path}; use {(err.headers or {}).get('Allow')}", code="method_not_allowed")
         else:
             api_error = APIError(err.status_code, str(err.detail))
         return error_response(request, api_error, err.headers)
