@@ -344,8 +344,6 @@ _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart"
 def validation_error(errors: list[dict[str, Any]]) -> APIError:
     """The first pydantic validation error of a request body as an OpenAI-style 400."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    if first.get("type") == "json_invalid":  # malformed, nested too deep, numbers out of range, lone surrogates
-        return APIError(400, f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
     if first.get("type") == "model_type" or not first.get("loc"):
         return APIError(400, "The request body must be a JSON object")
     # Union branches add their type names to loc; keep field names and indices only.

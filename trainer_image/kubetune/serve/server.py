@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
 
+import pydantic_core
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -116,10 +117,14 @@ def _too_large(limit: int) -> APIError:
 
 
 def _parse(raw: bytes, model_type):
-    """The request model; pydantic's JSON parser bounds nesting depth and number sizes and
+    """The request model. pydantic's JSON parser bounds nesting depth and number sizes and
     refuses lone surrogates, so every malformed body is a 400."""
     try:
-        return model_type.model_validate_json(raw)
+        document = pydantic_core.from_json(raw)
+    except ValueError as err:
+        raise APIError(400, f"The request body is not valid JSON: {err}") from None
+    try:
+        return model_type.model_validate(document)
     except ValidationError as err:
         raise validation_error(err.errors()) from None
 
