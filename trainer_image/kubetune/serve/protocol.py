@@ -37,8 +37,8 @@ INT64_MAX = 2**63 - 1
 Temperature = Annotated[float, Field(ge=0.0, le=2.0), AfterValidator(check_temperature)]
 # One stop string or a list of up to 16; always a list once parsed.
 Stops = Annotated[Union[Annotated[list[str], Field(max_length=16)], str], AfterValidator(lambda v: [v] if isinstance(v, str) else v)]
-# JSON types as the schema says (no "5" for 5, no "true" for true): what the published
-# OpenAPI document allows is exactly what is accepted.
+# JSON types exactly as the published OpenAPI document says (no "5" for 5, no "true" for
+# true), so a request the document forbids is never accepted.
 _STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
