@@ -356,25 +356,9 @@ def _openapi_document(app: FastAPI, settings: ServeSettings) -> dict[str, Any]:
     return doc
 
 
-def create_app(settings: ServeSettings, metrics: Optional[ServeMetrics] = None, engine: Optional[Engine] = None) -> FastAPI:
-    """The HTTP application. `engine` may be attached later (state.engine) once the model has loaded."""
-    state = ServerState(settings, metrics or (engine.metrics if engine else ServeMetrics()), engine)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        if state.engine is not None:
-            state.engine.stop()
-
-    app = FastAPI(title="kubetune-serve", version="v1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
-    app.state.kubetune = state
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = _openapi_document(app, settings)
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+def _error_responses(app: FastAPI, state: ServerState):
+    """Answer every error in OpenAI's shape, ours and Starlette's (unknown paths, wrong
+    methods), counted in the metrics; returns the function that builds such an answer."""
 
     def error_response(request: Request, err: APIError, headers: Optional[dict[str, str]] = None) -> JSONResponse:
         endpoint = request.url.path if request.url.path in ENDPOINTS else "other"
@@ -398,6 +382,31 @@ def create_app(settings: ServeSettings, metrics: Optional[ServeMetrics] = None, 
         else:
             api_error = APIError(err.status_code, str(err.detail))
         return error_response(request, api_error, err.headers)
+
+    return error_response
+
+
+def create_app(settings: ServeSettings, metrics: Optional[ServeMetrics] = None, engine: Optional[Engine] = None) -> FastAPI:
+    """The HTTP application. `engine` may be attached later (state.engine) once the model has loaded."""
+    state = ServerState(settings, metrics or (engine.metrics if engine else ServeMetrics()), engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if state.engine is not None:
+            state.engine.stop()
+
+    app = FastAPI(title="kubetune-serve", version="v1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.state.kubetune = state
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _openapi_document(app, settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    error_response = _error_responses(app, state)
 
     @app.middleware("http")
     async def _auth_and_count(request: Request, call_next):
