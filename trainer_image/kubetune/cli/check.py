@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 
 from ..planner import PlanError, estimate, parse_memory, shipped_config, shipped_configs
-from ..spec import FineTuneJob, SpecError, line_of, load_job
+from ..spec import FineTuneJob, SpecError, line_of, load_job_text, read_job_text
 from ..uri import UriError, parse_uri
 from ..validation import check_job
 
@@ -17,10 +17,10 @@ from ..validation import check_job
 def job_problems(path: str | Path, *, on_cluster: bool) -> tuple[Optional[FineTuneJob], list[str]]:
     """The job and every problem as `FILE:LINE: FIELD: MESSAGE` lines (schema, then deeper checks)."""
     try:
-        job = load_job(path)
+        text = read_job_text(path)
+        job = load_job_text(text, str(path))
     except SpecError as err:
-        return None, str(err).splitlines()
-    text = Path(path).read_text(encoding="utf-8")
+        return None, err.lines
     return job, [f"{_where(path, text, problem.field)}: {problem}" for problem in check_job(job, on_cluster=on_cluster)]
 
 
@@ -143,7 +143,7 @@ PARTS = {
 
 def plan_command(args) -> int:
     job, problems = job_problems(args.job, on_cluster=False)
-    if job is None:
+    if problems:  # what `kubetune validate` refuses is not planned either
         for line in problems:
             print(line, file=sys.stderr)
         return 1
