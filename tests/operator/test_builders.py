@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from kubetune import naming
 from kubetune.spec import parse_job
 from kubetune_operator import builders
 from kubetune_operator.settings import Settings
@@ -28,7 +29,7 @@ def test_every_child_of_every_example_is_a_valid_kubernetes_object(name):
     for manifest in children(job):
         k8s_validate(manifest)
         meta = manifest["metadata"]
-        assert meta["labels"][builders.JOB_LABEL] == job.metadata.name
+        assert meta["labels"][naming.JOB_LABEL] == job.metadata.name
         assert meta["ownerReferences"] == [builders.owner_reference(job)]
         assert meta["ownerReferences"][0]["uid"] == job.metadata.uid and meta["ownerReferences"][0]["controller"] is True
 

@@ -37,6 +37,12 @@ class JobLayout:
     metrics: Uri
 
     @property
+    def needs_merge(self) -> bool:
+        """Whether a merge step turns OUTPUT/adapter into OUTPUT/model (LoRA and QLoRA with
+        output.merge): the one answer the operator, `kubetune run` and the merge step use."""
+        return self.adapter is not None and self.model is not None
+
+    @property
     def serving_model(self) -> Uri:
         """What the inference server loads: the merged/full model, else the adapter (on its base)."""
         return self.model or self.adapter  # type: ignore[return-value]

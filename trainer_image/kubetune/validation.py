@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .naming import NAME_LIMIT, worker_pod_name, workers_service_name
 from .spec import FineTuneJob
 from .uri import UriError, parse_uri
-
-# Pods are named NAME-worker-<i> and the rendezvous Service NAME-workers: both must stay
-# valid DNS labels (63 characters; Services must start with a letter).
-WORKER_SUFFIX = "-worker-"
 
 
 @dataclass(frozen=True)
@@ -155,7 +152,9 @@ def _check_names(job: FineTuneJob) -> list[Problem]:
     problems = []
     if not name[0].isalpha():
         problems.append(Problem("metadata.name", f"{name!r} must start with a letter: the job's Services are named after it"))
-    longest = len(name) + len(WORKER_SUFFIX) + len(str(job.spec.distributed.nodes - 1))
-    if max(longest, len(name) + len("-workers")) > 63:
-        problems.append(Problem("metadata.name", f"{name!r} is too long: pod {name}{WORKER_SUFFIX}{job.spec.distributed.nodes - 1} exceeds 63 characters"))
+    # The worker pods and the rendezvous Service are named after the job: both must stay valid
+    # DNS labels (Services must start with a letter).
+    last_worker = worker_pod_name(name, job.spec.distributed.nodes - 1)
+    if max(len(last_worker), len(workers_service_name(name))) > NAME_LIMIT:
+        problems.append(Problem("metadata.name", f"{name!r} is too long: pod {last_worker} exceeds {NAME_LIMIT} characters"))
     return problems

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from .. import exitcodes
-from ..layout import MERGEABLE_METHODS, JobLayout, job_layout
+from ..layout import JobLayout, job_layout
 from ..spec import FineTuneJob, dump_job
 from ..storage import open_store
 from ..uri import parse_uri
@@ -456,7 +456,7 @@ def run_command(args) -> int:
             console.print(f"[red]training failed with exit code {result.returncode}[/]; full log: {workdir / 'train.log'}")
             return result.returncode
         timings["training time"] = f"{result.seconds:.0f} s"
-        if job.spec.method.type in MERGEABLE_METHODS and job.spec.output.merge:
+        if layout.needs_merge:
             try:
                 timings["merge time"] = f"{merge(job_file, base_dir, env, workdir / 'merge.log'):.0f} s"
             except RuntimeError as err:
