@@ -204,3 +204,12 @@ def test_wandb_offline_run_holds_every_scalar_and_no_credential(tmp_path, monkey
     for written in (tmp_path / "wandb").rglob("*"):
         if written.is_file():
             assert b"a" * 40 not in written.read_bytes(), written
+
+
+def test_report_to_takes_each_known_tracker_once(tmp_path):
+    from kubetune.spec import SpecError
+
+    with pytest.raises(SpecError, match=r"spec.training.reportTo: training.reportTo lists wandb more than once"):
+        job(tmp_path, ["wandb", "tensorboard", "wandb"])
+    with pytest.raises(SpecError, match=r"spec.training.reportTo.0: Input should be 'tensorboard', 'swanlab', 'wandb' or 'mlflow' \(got 'comet'\)"):
+        job(tmp_path, ["comet"])
