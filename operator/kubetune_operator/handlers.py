@@ -49,7 +49,7 @@ from kubetune.progress import Progress, parse_progress
 from kubetune.spec import FineTuneJob, SpecError, parse_job
 from kubetune.storage import S3Store
 from kubetune.uri import Uri, parse_uri
-from kubetune.validation import check_job
+from kubetune.validation import check_job, job_warnings
 
 from . import builders, metrics
 from .kube import Kube
@@ -257,6 +257,7 @@ class Reconciler:
         layout: Optional[JobLayout] = None
         if job is not None:
             observed.problems += [str(p) for p in check_job(job, on_cluster=True)]
+            observed.warnings = [str(w) for w in job_warnings(job)]
             observed.problems += await self.missing_secrets(job)
             job = await self.observe(job, observed)
             try:

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
@@ -30,7 +31,7 @@ from ..layout import MERGEABLE_METHODS, JobLayout, job_layout
 from ..spec import FineTuneJob, dump_job
 from ..storage import open_store
 from ..uri import parse_uri
-from .check import job_problems
+from .check import job_problems, warning_lines
 from .serving import LocalServer, ServerError, chat
 
 console = Console()
@@ -421,6 +422,8 @@ def run_command(args) -> int:
         for line in problems:
             print(line, file=sys.stderr)
         return 1
+    for line in warning_lines(args.job, job):
+        console.print(f"[yellow]{escape(line)}[/]")
     base_dir = job_path.parent
     workdir = base_dir / "runs" / job.metadata.name
     workdir.mkdir(parents=True, exist_ok=True)

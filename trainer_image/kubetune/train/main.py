@@ -17,6 +17,7 @@ from typing import Optional
 from .. import exitcodes
 from ..spec import SpecError, load_job
 from ..storage import StorageError
+from ..validation import job_warnings
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -84,6 +85,9 @@ def execute(args: argparse.Namespace) -> int:
     base_dir = Path(args.base_dir) if args.base_dir else Path(args.job).resolve().parent
     try:
         job = load_job(args.job)
+        if os.environ.get("RANK", "0") == "0":
+            for warning in job_warnings(job):
+                logging.getLogger("kubetune.train").warning("%s", warning)
         if job.spec.distributed.zero.stage == 3:
             return_freed_host_memory()
         if args.merge:
