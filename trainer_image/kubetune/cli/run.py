@@ -302,10 +302,13 @@ def summary_table(job: FineTuneJob, result: TrainResult, layout: JobLayout, extr
         "resumed from": result.resumed_from,
         "training time": f"{result.seconds:.0f} s",
     }
-    shown = {"job", "world_size", "trainable_params", "total_params", "total_steps", "step"}
-    for key, value in (result.done.get("summary") or {}).items():
+    shown = {"job", "world_size", "trainable_params", "total_params", "total_steps", "step", "packing_fill"}
+    summary = result.done.get("summary") or {}
+    for key, value in summary.items():
         if key not in shown and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             rows[key.replace("_", " ")] = f"{value:.4g}" if isinstance(value, float) else value
+    if summary.get("packing_fill") is not None:
+        rows["packing fill"] = f"{summary['packing_fill']:.1%} of the {job.spec.training.max_length}-token rows hold tokens"
     outputs = result.done.get("outputs") or {}
     rows["adapter"] = outputs.get("adapter") or (str(layout.adapter) if layout.adapter else None)
     rows["model"] = outputs.get("model") or (str(layout.model) if layout.model else None)

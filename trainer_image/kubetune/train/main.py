@@ -30,15 +30,16 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def invalid_input_errors() -> tuple[type[Exception], ...]:
     """Errors that mean the job or its data is wrong: retrying cannot help."""
-    from ..checkpoint import WorldSizeMismatch
+    from ..checkpoint import CheckpointMismatch
     from ..data.loader import DataError
     from ..data.tokenize import TemplateError
     from ..layout import LayoutError
     from ..model.methods import MethodError
     from ..uri import UriError
-    from .loop import ModelSourceError
+    from .recipe import ModelSourceError
+    from .tracking import TrackerError
 
-    return (SpecError, DataError, TemplateError, LayoutError, MethodError, ModelSourceError, UriError, WorldSizeMismatch)
+    return (SpecError, DataError, TemplateError, LayoutError, MethodError, ModelSourceError, UriError, CheckpointMismatch, TrackerError)
 
 
 # Host buffers of at least this many bytes get their own mapping, returned to the system when freed.
