@@ -1,12 +1,9 @@
-"""Pure parts of the trainer: DeepSpeed config from the spec, LR schedule (generation metrics: test_evaluate.py)."""
+"""Pure parts of the trainer: DeepSpeed config from the spec (LR schedule: test_schedule.py; generation metrics: test_evaluate.py)."""
 
 from __future__ import annotations
 
-import pytest
-
 from kubetune.spec import FineTuneJobSpec
 from kubetune.train.deepspeed_config import build_deepspeed_config, uses_client_optimizer
-from kubetune.train.schedule import lr_factor
 
 
 def spec(**parts) -> FineTuneJobSpec:
@@ -42,10 +39,3 @@ def test_raw_override_merges_key_by_key():
     config = build_deepspeed_config(s, world_size=1, precision="fp32", on_gpu=False)
     assert config["zero_optimization"]["stage"] == 3 and config["zero_optimization"]["stage3_max_live_parameters"] == 1000
     assert config["gradient_clipping"] == 0.0
-
-
-def test_lr_schedule_warmup_then_decay():
-    assert [lr_factor(s, 10, 0.2, "cosine") for s in (0, 1)] == [0.5, 1.0]
-    assert lr_factor(2, 10, 0.2, "cosine") == 1.0 and lr_factor(10, 10, 0.2, "cosine") == pytest.approx(0.0)
-    assert lr_factor(6, 10, 0.2, "linear") == pytest.approx(0.5)
-    assert lr_factor(9, 10, 0.0, "constant") == 1.0
