@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+import subprocess
 import sys
 
 import pytest
+import yaml
 
 from kubetune.layout import job_layout
 from kubetune.spec import parse_job
+from kubetune.testing import free_port
 from kubetune.train import tracking
 from kubetune.uri import parse_uri
 
@@ -183,6 +187,9 @@ def test_wandb_offline_run_holds_every_scalar_and_no_credential(tmp_path, monkey
     parsed, layout = job(tmp_path, ["wandb"])
     [tracker] = tracking.build_trackers(parsed, layout, is_main=True)
     feed(tracker)
+    import wandb
+
+    wandb.teardown()  # W&B's service may still be writing the run's file (at exit this happens by itself)
 
     from swanlab.converter.wb.wbdatastore import WBDataStoreReader  # W&B's transaction log format
     from wandb.proto.wandb_internal_pb2 import Record
@@ -213,3 +220,54 @@ def test_report_to_takes_each_known_tracker_once(tmp_path):
         job(tmp_path, ["wandb", "tensorboard", "wandb"])
     with pytest.raises(SpecError, match=r"spec.training.reportTo.0: Input should be 'tensorboard', 'swanlab', 'wandb' or 'mlflow' \(got 'comet'\)"):
         job(tmp_path, ["comet"])
+
+
+@pytest.mark.slow
+def test_kubetune_train_reports_what_it_logs_and_no_credential(tmp_path, tiny_model_dir, monkeypatch):
+    """Rank 0 of a 2-process run sends TensorBoard and MLflow exactly the step and evaluation
+    figures of metrics.jsonl; the tracker credential from the environment is written nowhere."""
+    records = [{"prompt": f"What is {i} plus {i}?", "response": f"{2 * i}"} for i in range(24)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    doc = {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "tracked"},
+        "spec": {
+            "model": {"uri": str(tiny_model_dir)}, "dataset": {"uri": "data.jsonl", "validation": {"ratio": 0.2}},
+            "method": {"type": "lora", "lora": {"r": 4}}, "distributed": {"gpusPerNode": 2, "zero": {"stage": 2}},
+            "training": {"maxSteps": 4, "microBatchSize": 2, "maxLength": 64, "logEverySteps": 1, "learningRate": 0.01,
+                         "eval": {"everySteps": 2, "generate": True, "maxSamples": 2, "maxNewTokens": 3},
+                         "reportTo": ["tensorboard", "mlflow"]},
+        },
+    }  # fmt: skip
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    token = "mlflow-token-never-written-0123456789"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KUBETUNE_METRICS_PORT": "0", "KUBETUNE_CACHE_DIR": str(tmp_path / "cache"),
+           "MLFLOW_TRACKING_URI": f"file://{tmp_path}/mlruns", "MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_TRACKING_TOKEN": token}  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "kubetune.train.main", "--job", str(tmp_path / "job.yaml")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    logged = [json.loads(line) for line in (tmp_path / "runs/tracked/output/metrics.jsonl").read_text().splitlines()]
+    want: dict[str, dict[int, float]] = {}
+    for record in logged:
+        scalars = tracking.train_scalars(record) if record["event"] == "step" else tracking.eval_scalars(record)
+        for tag, value in scalars.items():
+            want.setdefault(tag, {})[record["step"]] = value
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second", "eval/validation_loss", "eval/rouge_l", "eval/bleu_4"} <= set(want)
+    assert set(want["eval/validation_loss"]) == {2, 4} and set(want["train/loss"]) == {1, 2, 3, 4}
+    folder = tmp_path / "runs/tracked/output/tensorboard"
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 1  # rank 0 only
+    assert_same(tensorboard_scalars(folder), want)
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=f"file://{tmp_path}/mlruns")
+    [run] = client.search_runs([client.get_experiment_by_name("kubetune").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert_same({tag: {m.step: m.value for m in client.get_metric_history(run.info.run_id, tag)} for tag in run.data.metrics}, want)
+
+    assert token not in proc.stdout + proc.stderr
+    for written in tmp_path.rglob("*"):
+        if written.is_file() and "cache" not in written.parts:
+            assert token.encode() not in written.read_bytes(), written

@@ -32,10 +32,11 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..layout import JobLayout
 from ..spec import FineTuneJob, dump_job
@@ -85,9 +86,17 @@ class Tracker:
     """Logs scalars at a step; `close(failed)` ends the run. Subclasses implement `log` and `_close`."""
 
     name = "tracker"
+    hint = ""  # what the user can set when a run cannot start
 
     def __init__(self):
         self._failed_once = False
+
+    def _started(self, start: Callable[[], Any]) -> Any:
+        """start(), with any failure turned into a TrackerError that says what to set."""
+        try:
+            return start()
+        except Exception as err:  # noqa: BLE001 - the libraries raise many kinds for missing keys or servers
+            raise TrackerError(f"spec.training.reportTo {self.name}: cannot start a run ({type(err).__name__}: {err}); {self.hint}") from None
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         raise NotImplementedError
@@ -161,28 +170,25 @@ class TensorBoardTracker(Tracker):
             self.sync()
         except StorageError as err:
             raise StorageError(f"TensorBoard event files not uploaded: {err}") from None
+        if self.store is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)  # the local staging copy, now uploaded
+
+
+def _run_identity(job: FineTuneJob, layout: JobLayout) -> dict[str, Any]:
+    """The run as W&B and SwanLab name it: resumed by id when the job restarts."""
+    return {"name": job.metadata.name, "id": run_id(job, layout), "resume": "allow", "config": dump_job(job)["spec"]}
 
 
 class WandbTracker(Tracker):
     name = "wandb"
+    hint = ("put WANDB_API_KEY (and WANDB_BASE_URL for a private server) in the Secret named by spec.training.reportSecret, "
+            "or set WANDB_MODE=offline")  # fmt: skip
 
     def __init__(self, job: FineTuneJob, layout: JobLayout):
         super().__init__()
-        wandb = _import("wandb")
-        try:
-            self.run = wandb.init(
-                project=os.environ.get("WANDB_PROJECT") or PROJECT,
-                name=job.metadata.name,
-                id=run_id(job, layout),
-                resume="allow",
-                config=dump_job(job)["spec"],
-                settings=wandb.Settings(console="off", silent=True),
-            )
-        except Exception as err:  # noqa: BLE001 - wandb raises several kinds for missing keys or servers
-            raise TrackerError(
-                f"spec.training.reportTo wandb: cannot start a W&B run ({type(err).__name__}: {err}); put WANDB_API_KEY "
-                "(and WANDB_BASE_URL for a private server) in the Secret named by spec.training.reportSecret, or set WANDB_MODE=offline"
-            ) from None
+        wandb = _import(self.name)
+        self.run = self._started(lambda: wandb.init(project=os.environ.get("WANDB_PROJECT") or PROJECT, **_run_identity(job, layout),
+                                                    settings=wandb.Settings(console="off", silent=True)))  # fmt: skip
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(scalars, step=step)
@@ -193,24 +199,15 @@ class WandbTracker(Tracker):
 
 class SwanLabTracker(Tracker):
     name = "swanlab"
+    hint = ("put SWANLAB_API_KEY (and SWANLAB_API_HOST for a private server) in the Secret named by spec.training.reportSecret, "
+            "or set SWANLAB_MODE=offline")  # fmt: skip
 
     def __init__(self, job: FineTuneJob, layout: JobLayout):
         super().__init__()
-        swanlab = _import("swanlab")
-        try:
-            self.run = swanlab.init(
-                project=os.environ.get("SWANLAB_PROJ_NAME") or PROJECT,
-                name=job.metadata.name,
-                id=run_id(job, layout),
-                resume="allow",
-                config=dump_job(job)["spec"],
-                settings=swanlab.Settings(interactive=False, terminal=swanlab.Settings.Terminal(proxy_type="none")),
-            )
-        except Exception as err:  # noqa: BLE001
-            raise TrackerError(
-                f"spec.training.reportTo swanlab: cannot start a SwanLab run ({type(err).__name__}: {err}); put SWANLAB_API_KEY "
-                "(and SWANLAB_API_HOST for a private server) in the Secret named by spec.training.reportSecret, or set SWANLAB_MODE=offline"
-            ) from None
+        swanlab = _import(self.name)
+        settings = swanlab.Settings(interactive=False, terminal=swanlab.Settings.Terminal(proxy_type="none"))
+        self.run = self._started(lambda: swanlab.init(project=os.environ.get("SWANLAB_PROJ_NAME") or PROJECT, **_run_identity(job, layout),
+                                                      settings=settings))  # fmt: skip
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log(scalars, step=step)
@@ -221,39 +218,38 @@ class SwanLabTracker(Tracker):
 
 class MlflowTracker(Tracker):
     name = "mlflow"
+    hint = "put MLFLOW_TRACKING_URI (and MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN) in the Secret named by spec.training.reportSecret"
     TAG = "kubetune.run_id"
 
     def __init__(self, job: FineTuneJob, layout: JobLayout):
         super().__init__()
-        _import("mlflow")
+        _import(self.name)
         from mlflow.tracking import MlflowClient
 
-        try:
-            self.client = MlflowClient()  # MLFLOW_TRACKING_URI, credentials: MLflow's own variables
-            experiment_name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or PROJECT
-            experiment = self.client.get_experiment_by_name(experiment_name)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(experiment_name)
-            identity = run_id(job, layout)
-            earlier = self.client.search_runs([experiment_id], filter_string=f"tags.`{self.TAG}` = '{identity}'", max_results=1)
-            if earlier:
-                self.run_id = earlier[0].info.run_id
-                self.client.update_run(self.run_id, status="RUNNING")
-            else:
-                self.run_id = self.client.create_run(experiment_id, run_name=job.metadata.name, tags={self.TAG: identity}).info.run_id
-                self._log_params(dump_job(job)["spec"])
-        except Exception as err:  # noqa: BLE001
-            raise TrackerError(
-                f"spec.training.reportTo mlflow: cannot start an MLflow run ({type(err).__name__}: {err}); put MLFLOW_TRACKING_URI "
-                "(and MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN) in the Secret named by spec.training.reportSecret"
-            ) from None
+        self.client = MlflowClient()  # MLFLOW_TRACKING_URI and its credentials: MLflow's own variables
+        self.run_id = self._started(lambda: self._open(job, layout))
 
-    def _log_params(self, spec: dict) -> None:
+    def _open(self, job: FineTuneJob, layout: JobLayout) -> str:
+        """The run of an earlier attempt of this job (marked running again), else a new one."""
+        experiment_name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or PROJECT
+        experiment = self.client.get_experiment_by_name(experiment_name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(experiment_name)
+        identity = run_id(job, layout)
+        earlier = self.client.search_runs([experiment_id], filter_string=f"tags.`{self.TAG}` = '{identity}'", max_results=1)
+        if earlier:
+            self.client.update_run(earlier[0].info.run_id, status="RUNNING")
+            return earlier[0].info.run_id
+        run = self.client.create_run(experiment_id, run_name=job.metadata.name, tags={self.TAG: identity}).info.run_id
+        self._log_params(run, dump_job(job)["spec"])
+        return run
+
+    def _log_params(self, run: str, spec: dict) -> None:
         from mlflow.entities import Param
 
         flat = _flatten({k: spec[k] for k in ("model", "method", "training", "distributed") if k in spec})
         params = [Param(k, str(v)[:6000]) for k, v in flat.items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=params[start : start + 100])
+            self.client.log_batch(run, params=params[start : start + 100])
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
