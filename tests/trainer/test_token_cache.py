@@ -113,6 +113,26 @@ def test_every_input_that_changes_the_tokens_changes_the_key(tiny_model_dir, dat
     assert tokens(make_spec(data, tiny_model_dir), tmp_path, TokenCache(store, tmp_path / "node")) == (seen[0], "local")
 
 
+def saved_config(tokenizer, folder) -> dict:
+    tokenizer.save_pretrained(folder)
+    return json.loads((folder / "tokenizer_config.json").read_text())
+
+
+def test_how_the_tokenizer_was_loaded_is_not_part_of_the_key(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from kubetune.data.cache import tokenizer_digest
+
+    # HF_HUB_OFFLINE (set in some environments, not in others) turns on local_files_only,
+    # which the tokenizer records in the tokenizer_config.json it saves.
+    offline, online = (AutoTokenizer.from_pretrained(tiny_model_dir) for _ in range(2))
+    online.init_kwargs["local_files_only"] = not offline.init_kwargs["local_files_only"]
+    assert saved_config(offline, tmp_path / "a") != saved_config(online, tmp_path / "b")
+    assert tokenizer_digest(offline) == tokenizer_digest(online)
+    online.add_tokens(["plus"])
+    assert tokenizer_digest(offline) != tokenizer_digest(online)
+
+
 def test_a_half_written_or_damaged_cache_file_is_never_read(tiny_model_dir, data, tmp_path, caplog):
     spec = make_spec(data, tiny_model_dir)
     store = open_store(f"file://{tmp_path}/checkpoints")

@@ -51,16 +51,27 @@ def _hash_examples(digest, examples: list[Example]) -> None:
         digest.update(b"\n")
 
 
+# How a tokenizer was loaded, which transformers records in the tokenizer_config.json it saves
+# (local_files_only follows HF_HUB_OFFLINE): not what it does to text.
+LOADING_OPTIONS = ("local_files_only", "is_local", "name_or_path", "cache_dir", "revision", "token", "subfolder", "_commit_hash")
+
+
 def tokenizer_digest(tokenizer) -> str:
-    """SHA-256 of the tokenizer as loaded, through its own save_pretrained files."""
+    """SHA-256 of the tokenizer as loaded, through its own save_pretrained files (without the
+    loading options its tokenizer_config.json records)."""
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
     with tempfile.TemporaryDirectory(prefix="kubetune-tokenizer-") as folder:
         tokenizer.save_pretrained(folder)
         for path in sorted(Path(folder).rglob("*")):
             if path.is_file():
                 digest.update(f"\n{path.relative_to(folder).as_posix()}\n".encode())
-                digest.update(path.read_bytes())
+                digest.update(_without_loading_options(path) if path.name == "tokenizer_config.json" else path.read_bytes())
     return digest.hexdigest()
+
+
+def _without_loading_options(path: Path) -> bytes:
+    config = json.loads(path.read_text(encoding="utf-8"))
+    return json.dumps({k: v for k, v in config.items() if k not in LOADING_OPTIONS}, sort_keys=True).encode()
 
 
 def cache_key(examples: list[Example], val_examples: list[Example], tokenizer, limits: LengthLimits, plain_text: bool) -> str:

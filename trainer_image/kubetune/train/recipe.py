@@ -97,7 +97,9 @@ class FineTuneRecipe:
         self.tokenizer = load_tokenizer(self.model_dir, self.spec)
         store = open_store(self.ctx.layout.checkpoints, endpoint=self.spec.storage.endpoint)
         cache = TokenCache(store, self.ctx.cache_dir / "tokenized", self.dist.once_per_node)
+        started = time.monotonic()
         self.data = prepare(self.spec, self.tokenizer, self.ctx.examples, self.ctx.val_examples, self.dist.world_size, cache)
+        self.data_seconds = time.monotonic() - started  # tokenizing (or reading the cached tokens), packing, planning
 
     def _setup_model(self) -> None:
         """The base weights, with the method's trainable parameters on top."""
@@ -151,7 +153,7 @@ class FineTuneRecipe:
             trainable_params=self.trainable, total_params=self.total, train_samples=len(data.samples),
             validation_samples=len(data.val_samples), rows=len(data.rows), precision=self.precision,
             zero_stage=self.spec.distributed.zero.stage, special_text_samples=data.stats.special_text,
-            packing_fill=data.packing_fill, tokens_from=data.tokens_from,
+            packing_fill=data.packing_fill, tokens_from=data.tokens_from, data_seconds=round(self.data_seconds, 2),
         )  # fmt: skip
 
     # ------------------------------------------------------------------ train
