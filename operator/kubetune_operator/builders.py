@@ -3,7 +3,7 @@
 No API calls here; `act.py` creates what these return. Names and labels come from
 `kubetune.naming` (shared with the CLI). Every child is owned by the job (owner
 reference), labelled `kubetune.io/job: NAME`, runs as non-root with all capabilities
-dropped, and gets S3 credentials only through `secretKeyRef` (contract 9).
+dropped, and gets S3 and tracker credentials only through `secretKeyRef` (contract 9).
 """
 
 from __future__ import annotations
@@ -123,6 +123,16 @@ def storage_env(job: FineTuneJob) -> list[dict]:
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": storage.credentials_secret, "key": key}}})
     return env
+
+
+def report_env(job: FineTuneJob) -> list[dict]:
+    """The trackers' settings for the workers: only the keys each tracker in reportTo reads
+    (spec.TRACKER_ENV), from training.reportSecret; optional, as a Secret need not hold them all."""
+    training = job.spec.training
+    if not training.report_secret:
+        return []
+    keys = [key for tracker in training.report_to for key in specmod.TRACKER_ENV[tracker]]
+    return [{"name": key, "valueFrom": {"secretKeyRef": {"name": training.report_secret, "key": key, "optional": True}}} for key in keys]
 
 
 def pvc_claims(job: FineTuneJob) -> list[str]:
@@ -294,7 +304,7 @@ def build_worker_pod(job: FineTuneJob, index: int, settings: Settings, attempt: 
     if annotations:
         meta["annotations"] = annotations
     vols, mounts = volumes(job, shm=True)
-    env = storage_env(job) + CACHE_ENV + [
+    env = storage_env(job) + report_env(job) + CACHE_ENV + [
         # Only rank 0 serves trainer metrics; every pod exposes the port for a PodMonitor.
         {"name": "KUBETUNE_METRICS_PORT", "value": str(TRAINER_METRICS_PORT)},
         {"name": "KUBETUNE_NODE_RANK", "value": str(index)},

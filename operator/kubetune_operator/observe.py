@@ -39,7 +39,7 @@ from kubetune.planner import shipped_config
 from kubetune.progress import Progress, parse_progress
 from kubetune.spec import FineTuneJob, Phase, SpecError, parse_job
 from kubetune.uri import parse_uri
-from kubetune.validation import check_job
+from kubetune.validation import check_job, job_warnings
 
 from . import builders
 from .memory import check_memory
@@ -170,6 +170,7 @@ class Observer:
         if job is None:
             return seen
         seen.observed.problems += [str(p) for p in check_job(job, on_cluster=True)]
+        seen.observed.warnings = [str(w) for w in job_warnings(job)]
         seen.observed.problems += await self.missing_secrets(job)
         if started:
             seen.job = job = await self.children(job, seen)

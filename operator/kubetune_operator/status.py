@@ -71,6 +71,7 @@ class Observed:
     problems: list[str] = field(default_factory=list)  # InvalidSpec messages (schema, semantics, Secret)
     spec_changes: list[str] = field(default_factory=list)  # training fields changed since the workers started
     memory: Optional[tuple[bool, str]] = None  # (fits, message) from the memory planner; None: unknown
+    warnings: list[str] = field(default_factory=list)  # runs, but likely not meant (validation.job_warnings)
 
 
 @dataclass(frozen=True)
@@ -292,6 +293,8 @@ class _Machine:
             return
         if len(workers) < nodes:
             self.actions.append(Action.CREATE_WORKERS)
+            if not self.status.start_time:  # said once, when the job starts
+                self.events += [Event("Warning", "SpecWarning", message) for message in self.observed.warnings]
             self.status.start_time = self.status.start_time or iso(self.now)
             self.status.training_generation = self.status.training_generation or self.generation
         if workers and len(workers) == nodes and all(w.phase in ("Running", "Succeeded") for w in workers.values()):

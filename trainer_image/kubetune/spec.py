@@ -77,6 +77,23 @@ class ServingEngine(str, enum.Enum):
     vllm = "vllm"
 
 
+class Tracker(str, enum.Enum):
+    tensorboard = "tensorboard"
+    swanlab = "swanlab"
+    wandb = "wandb"
+    mlflow = "mlflow"
+
+
+# The environment variables each tracker reads: the only keys of spec.training.reportSecret
+# that reach the workers (so a Secret cannot set PYTHONPATH, LD_PRELOAD or the S3 keys).
+TRACKER_ENV: dict[str, tuple[str, ...]] = {
+    "tensorboard": (),
+    "swanlab": ("SWANLAB_API_KEY", "SWANLAB_API_HOST", "SWANLAB_WEB_HOST", "SWANLAB_WORKSPACE", "SWANLAB_PROJ_NAME", "SWANLAB_MODE"),
+    "wandb": ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_MODE"),
+    "mlflow": ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_EXPERIMENT_NAME"),
+}
+
+
 class Phase(str, enum.Enum):
     Pending = "Pending"
     Running = "Running"
@@ -257,6 +274,26 @@ class TrainingSpec(SpecModel):
     gradient_checkpointing: StrictBool = Field(False, description="Recompute activations in the backward pass to save memory.")
     log_every_steps: StrictInt = Field(10, ge=1, description="Log and export metrics every N optimizer steps.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Validation settings.")
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Experiment trackers that get the training curves (loss, learning rate, grad norm, tokens/s, GPU memory) "
+        "and evaluation metrics at every logged step, from rank 0: tensorboard (event files in OUTPUT/tensorboard), "
+        "swanlab, wandb, mlflow. Default: none.",
+    )
+    report_secret: Optional[str] = Field(
+        None,
+        description="Secret holding the trackers' settings and credentials as environment variables: "
+        + "; ".join(f"{t}: {', '.join(keys)}" for t, keys in TRACKER_ENV.items() if keys)
+        + ". Only these keys of the trackers in reportTo are passed to the workers. Never put credentials in the spec.",
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_once(cls, value: list) -> list:
+        twice = sorted({t for t in value if value.count(t) > 1})
+        if twice:
+            raise ValueError(f"training.reportTo lists {', '.join(twice)} more than once")
+        return value
 
     @model_validator(mode="after")
     def _lengths(self) -> "TrainingSpec":
