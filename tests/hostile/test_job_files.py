@@ -65,11 +65,8 @@ CASES = {
         ["job.yaml:4: invalid YAML: unacceptable character #x0000: special characters are not allowed"],
     ),
     "semantic-problem": (
-        "metadata: {name: a}\nspec:\n  model: {uri: m}\n  dataset: {uri: d}\n  training: {maxSteps: 10}\n  checkpoint: {everySteps: 100}\n",
-        [
-            "job.yaml:8: spec.checkpoint.everySteps: 100 is more than training.maxSteps 10: no checkpoint would be written "
-            "before the end, so a restart starts over"
-        ],
+        "metadata: {name: a}\nspec:\n  model: {uri: m}\n  dataset: {uri: d}\n  output: {merge: false}\n  serving: {enabled: true, engine: vllm}\n",
+        ["job.yaml:7: spec.output.merge: serving.engine vllm serves the merged model; set output.merge: true or use engine builtin"],
     ),
 }
 
