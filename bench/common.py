@@ -257,9 +257,11 @@ def trainer_command(job: Path, nproc: int, extra: Iterable[str] = (), master_por
     return [*torchrun, *program]
 
 
-def run_trainer(job: Path, *, nproc: int = 1, threads: int = 2, env: Optional[dict] = None, timeout: float = 900, extra: Iterable[str] = (), stop_after_first_step: bool = False) -> TrainerRun:
+def run_trainer(job: Path, *, nproc: int = 1, threads: int = 2, env: Optional[dict] = None, timeout: float = 900, extra: Iterable[str] = (), stop_after_first_step: bool = False,
+                wrapper: Iterable[str] = ()) -> TrainerRun:
     """Run the trainer on a job file and collect its events. With stop_after_first_step it is
-    sent SIGTERM (a preemption) when its first step event arrives."""
+    sent SIGTERM (a preemption) when its first step event arrives. `wrapper` prefixes the
+    command (a profiler: `py-spy record ... --`)."""
     run_dir = job.parent / f"run-{time.monotonic_ns()}"
     peak_dir = run_dir / "peaks"
     # A fresh checkpoint staging folder per run: a resume downloads, as on a new node.
@@ -268,7 +270,7 @@ def run_trainer(job: Path, *, nproc: int = 1, threads: int = 2, env: Optional[di
     events: list[tuple[float, dict]] = []
     stderr_lines: list[str] = []
     start = time.monotonic()
-    proc = subprocess.Popen(trainer_command(job, nproc, extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=job.parent, start_new_session=True)
+    proc = subprocess.Popen([*wrapper, *trainer_command(job, nproc, extra)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=job.parent, start_new_session=True)
 
     def drain_stderr() -> None:
         for line in proc.stderr:  # type: ignore[union-attr]

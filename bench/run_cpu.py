@@ -45,8 +45,15 @@ def _module_run(name: str) -> Callable[[Path, bool], dict]:
     return run
 
 
+def _trainer_vs_peer(workdir: Path, quick: bool) -> dict:
+    from bench import trainer_throughput
+
+    return trainer_throughput.run_peer(workdir, quick=quick, profile=not quick)  # where the time goes, on the real sizes
+
+
 BENCHMARKS: dict[str, Callable[[Path, bool], dict]] = {
     "trainer_throughput": _module_run("trainer_throughput"),
+    "trainer_vs_peer": _trainer_vs_peer,
     "zero_memory": _module_run("zero_memory"),
     "checkpoint_cost": _module_run("checkpoint_cost"),
     "operator_scale": _module_run("operator_scale"),
@@ -71,6 +78,9 @@ def goal(name: str, result: dict) -> Optional[dict]:
     r = result.get("ratio")
     if name == "trainer_throughput":
         return {"target": "effective tokens/s >= 2.5x the HF Trainer baseline", "met": r is not None and r >= 2.5}
+    if name == "trainer_vs_peer":
+        return {"target": "effective tokens/s >= 1.2x the best padding-free peer (HF Trainer + DataCollatorWithFlattening, TRL SFTTrainer BFD packing), equal loss",
+                "met": r is not None and r >= 1.2 and bool(result.get("loss_equal"))}  # fmt: skip
     if name == "zero_memory":
         z = result.get("zero3_over_ddp")
         return {"target": "ZeRO-3 training memory per rank (above the process baseline) <= 0.6x DDP", "met": bool(result["equal_work"]["ok"]) and z is not None and z <= 0.6}
@@ -115,6 +125,18 @@ def rows(name: str, result: dict) -> list[tuple[str, str, str, str]]:
             ("final / mean train loss, packing", f"{_fmt(g(result, 'kubetune_packed', 'final_loss'))} / {_fmt(g(result, 'kubetune_packed', 'mean_loss'))}", f"{_fmt(g(result, 'baseline', 'final_loss'))} / {_fmt(g(result, 'baseline', 'mean_loss'))}", ""),
             ("final / mean train loss, dynamic padding", f"{_fmt(dyn.get('final_loss'))} / {_fmt(dyn.get('mean_loss'))}", "", ""),
         ]
+    if name == "trainer_vs_peer":
+        k = result.get("kubetune", {})
+        out = []
+        for peer, figures in (result.get("peers") or {}).items():
+            if "error" in figures:
+                out.append((f"effective tokens/s vs {peer}", "error", figures["error"].splitlines()[-1][:80], ""))
+                continue
+            out.append((f"effective tokens/s vs {peer} ({figures.get('steps')} steps)", _fmt(figures.get("kubetune_tokens_per_second")),
+                        _fmt(figures.get("baseline_tokens_per_second")), _fmt(figures.get("ratio"), "x")))  # fmt: skip
+            out.append((f"mean / final train loss vs {peer}", f"{_fmt(k.get('mean_loss'))} / {_fmt(k.get('final_loss'))}",
+                        f"{_fmt(figures.get('mean_loss'))} / {_fmt(figures.get('final_loss'))}", "equal" if g(figures, "loss", "equal") else "differs"))  # fmt: skip
+        return out
     if name == "zero_memory":
         out = []
         for config, run in (result.get("runs") or {}).items():

@@ -10,8 +10,9 @@ import os
 
 import kopf
 
-from .handlers import build_registry, new_memo
+from .handlers import build_registry
 from .settings import Settings
+from .state import OperatorState
 
 
 def main() -> None:
@@ -20,7 +21,7 @@ def main() -> None:
     kopf.configure(verbose=os.environ.get("KUBETUNE_LOG_LEVEL", "").upper() == "DEBUG")
     kopf.run(
         registry=build_registry(settings),
-        memo=new_memo(settings),
+        memo=OperatorState(settings),
         clusterwide=not namespaces,
         namespaces=namespaces,
         standalone=True,

@@ -1,8 +1,9 @@
 """Pure builders: one FineTuneJob -> the child manifests the operator creates.
 
-No API calls here; `handlers.py` does the I/O. Every child is owned by the job (owner
+No API calls here; `act.py` creates what these return. Names and labels come from
+`kubetune.naming` (shared with the CLI). Every child is owned by the job (owner
 reference), labelled `kubetune.io/job: NAME`, runs as non-root with all capabilities
-dropped, and gets S3 credentials only through `secretKeyRef` (contract 9).
+dropped, and gets S3 and tracker credentials only through `secretKeyRef` (contract 9).
 """
 
 from __future__ import annotations
@@ -13,6 +14,21 @@ import yaml
 
 from kubetune import spec as specmod
 from kubetune.layout import JobLayout, job_layout
+from kubetune.naming import (
+    ATTEMPT_LABEL,
+    CONFIG_ROLE,
+    INDEX_LABEL,
+    MERGE_ROLE,
+    SERVE_ROLE,
+    WORKER_ROLE,
+    WORKERS_ROLE,
+    config_map_name,
+    merge_pod_name,
+    selector,
+    serve_name,
+    worker_pod_name,
+    workers_service_name,
+)
 from kubetune.spec import FineTuneJob, dump_job
 from kubetune.storage import pvc_mount_path
 from kubetune.uri import parse_uri
@@ -24,10 +40,6 @@ from .settings import Settings
 YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-JOB_LABEL = "kubetune.io/job"
-ROLE_LABEL = "kubetune.io/role"
-INDEX_LABEL = "kubetune.io/worker-index"
-ATTEMPT_LABEL = "kubetune.io/attempt"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 VOLCANO_QUEUE_ANNOTATION = "scheduling.volcano.sh/queue-name"
 
@@ -40,26 +52,6 @@ TRAINER_METRICS_PORT = 9400
 RUN_AS = 1000
 # Time for the trainer to finish a step and commit a checkpoint after SIGTERM.
 WORKER_GRACE_SECONDS = 300
-
-
-def config_map_name(name: str) -> str:
-    return f"{name}-config"
-
-
-def workers_service_name(name: str) -> str:
-    return f"{name}-workers"
-
-
-def worker_pod_name(name: str, index: int) -> str:
-    return f"{name}-worker-{index}"
-
-
-def merge_pod_name(name: str) -> str:
-    return f"{name}-merge"
-
-
-def serve_name(name: str) -> str:
-    return f"{name}-serve"
 
 
 def master_addr(name: str) -> str:
@@ -90,8 +82,7 @@ def labels(job: FineTuneJob, role: str, **extra: str) -> dict[str, str]:
         "app.kubernetes.io/name": "kubetune",
         "app.kubernetes.io/component": role,
         "app.kubernetes.io/managed-by": "kubetune-operator",
-        JOB_LABEL: job.metadata.name,
-        ROLE_LABEL: role,
+        **selector(job.metadata.name, role),
         **extra,
     }
 
@@ -132,6 +123,16 @@ def storage_env(job: FineTuneJob) -> list[dict]:
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": storage.credentials_secret, "key": key}}})
     return env
+
+
+def report_env(job: FineTuneJob) -> list[dict]:
+    """The trackers' settings for the workers: only the keys each tracker in reportTo reads
+    (spec.TRACKER_ENV), from training.reportSecret; optional, as a Secret need not hold them all."""
+    training = job.spec.training
+    if not training.report_secret:
+        return []
+    keys = [key for tracker in training.report_to for key in specmod.TRACKER_ENV[tracker]]
+    return [{"name": key, "valueFrom": {"secretKeyRef": {"name": training.report_secret, "key": key, "optional": True}}} for key in keys]
 
 
 def pvc_claims(job: FineTuneJob) -> list[str]:
@@ -246,7 +247,7 @@ def pod_spec(settings: Settings, containers: list[dict], vols: list[dict], **ext
 # children
 
 
-def job_document(job: FineTuneJob) -> dict:
+def job_file_document(job: FineTuneJob) -> dict:
     """The job as the trainer reads it from /etc/kubetune/job.yaml (no status, no server fields)."""
     doc = dump_job(job)
     meta = doc["metadata"]
@@ -259,8 +260,8 @@ def build_config_map(job: FineTuneJob) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": metadata(job, config_map_name(job.metadata.name), "config"),
-        "data": {"job.yaml": yaml.dump(job_document(job), Dumper=YAML_DUMPER, sort_keys=False)},
+        "metadata": metadata(job, config_map_name(job.metadata.name), CONFIG_ROLE),
+        "data": {"job.yaml": yaml.dump(job_file_document(job), Dumper=YAML_DUMPER, sort_keys=False)},
     }
 
 
@@ -270,12 +271,12 @@ def build_worker_service(job: FineTuneJob) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": metadata(job, workers_service_name(name), "workers"),
+        "metadata": metadata(job, workers_service_name(name), WORKERS_ROLE),
         "spec": {
             "clusterIP": "None",
             # Rendezvous happens before pods are Ready.
             "publishNotReadyAddresses": True,
-            "selector": {JOB_LABEL: name, ROLE_LABEL: "worker"},
+            "selector": selector(name, WORKER_ROLE),
             "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"}],
         },
     }
@@ -299,11 +300,11 @@ def worker_command(job: FineTuneJob, index: int) -> list[str]:
 def build_worker_pod(job: FineTuneJob, index: int, settings: Settings, attempt: int = 0) -> dict:
     name = job.metadata.name
     queue_labels, annotations = queue_metadata(job)
-    meta = metadata(job, worker_pod_name(name, index), "worker", **{INDEX_LABEL: str(index), ATTEMPT_LABEL: str(attempt)}, **queue_labels)
+    meta = metadata(job, worker_pod_name(name, index), WORKER_ROLE, **{INDEX_LABEL: str(index), ATTEMPT_LABEL: str(attempt)}, **queue_labels)
     if annotations:
         meta["annotations"] = annotations
     vols, mounts = volumes(job, shm=True)
-    env = storage_env(job) + CACHE_ENV + [
+    env = storage_env(job) + report_env(job) + CACHE_ENV + [
         # Only rank 0 serves trainer metrics; every pod exposes the port for a PodMonitor.
         {"name": "KUBETUNE_METRICS_PORT", "value": str(TRAINER_METRICS_PORT)},
         {"name": "KUBETUNE_NODE_RANK", "value": str(index)},
@@ -356,7 +357,7 @@ def build_merge_pod(job: FineTuneJob, settings: Settings) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": metadata(job, merge_pod_name(job.metadata.name), "merge"),
+        "metadata": metadata(job, merge_pod_name(job.metadata.name), MERGE_ROLE),
         "spec": pod_spec(settings, [container], vols, **spec),
     }
 
@@ -435,7 +436,6 @@ def build_serving_deployment(job: FineTuneJob, settings: Settings) -> dict:
         resources=resources(serving.resources, gpus),
         securityContext=CONTAINER_SECURITY,
     )
-    selector = {JOB_LABEL: name, ROLE_LABEL: "serve"}
     spec = placement(job)
     spec.pop("schedulerName", None)
     pod = pod_spec(settings, [container], vols, **spec)
@@ -445,11 +445,11 @@ def build_serving_deployment(job: FineTuneJob, settings: Settings) -> dict:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": metadata(job, serve_name(name), "serve"),
+        "metadata": metadata(job, serve_name(name), SERVE_ROLE),
         "spec": {
             "replicas": serving.replicas,
-            "selector": {"matchLabels": selector},
-            "template": {"metadata": {"labels": labels(job, "serve")}, "spec": pod},
+            "selector": {"matchLabels": selector(name, SERVE_ROLE)},
+            "template": {"metadata": {"labels": labels(job, SERVE_ROLE)}, "spec": pod},
         },
     }
 
@@ -460,9 +460,9 @@ def build_serving_service(job: FineTuneJob) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": metadata(job, serve_name(name), "serve"),
+        "metadata": metadata(job, serve_name(name), SERVE_ROLE),
         "spec": {
-            "selector": {JOB_LABEL: name, ROLE_LABEL: "serve"},
+            "selector": selector(name, SERVE_ROLE),
             "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
         },
     }

@@ -46,6 +46,23 @@ def test_quick_cpu_benchmarks_report_equal_work_and_ratios(tmp_path):
     assert "| trainer_throughput |" in table and "| operator_scale |" in table
 
 
+@pytest.mark.slow
+def test_quick_peer_benchmark_checks_equal_work_against_each_padding_free_peer(tmp_path):
+    results = run_cpu.run_all(["trainer_vs_peer"], tmp_path / "work", quick=True)
+    peer = results["trainer_vs_peer"]
+    assert "error" not in peer, peer.get("error")
+    assert set(peer["peers"]) == {"hf_trainer_flattening", "trl_sft_bfd_packing"}
+    for name, figures in peer["peers"].items():
+        assert "error" not in figures, (name, figures.get("error"))
+        checks = figures["equal_work"]["checks"]
+        assert figures["equal_work"]["ok"], (name, json.dumps(checks))
+        assert set(checks) >= {"samples", "non_padding_tokens", "answer_tokens", "steps", "model_params"}
+        assert figures["ratio"] > 0 and set(figures["loss"]) == {"equal", "mean_loss", "final_loss"}
+    assert peer["best_peer"] in peer["peers"] and peer["ratio"] == peer["peers"][peer["best_peer"]]["ratio"]
+    assert peer["goal"]["met"] in (True, False)
+    assert "| trainer_vs_peer |" in run_cpu.markdown(results)
+
+
 def test_zero_memory_planner_figures_and_gpu_dry_run(tmp_path):
     from transformers import LlamaConfig
 

@@ -115,6 +115,18 @@ def test_layout_local_and_cluster(tmp_path):
     assert full.adapter is None and str(full.model) == "s3://models/qa/model"
 
 
+@pytest.mark.parametrize("method, merge, needs_merge", [
+    ("lora", True, True), ("qlora", True, True), ("lora", False, False),
+    ("ptuning", True, False), ("prompt", True, False), ("full", True, False), ("freeze", True, False),
+])
+def test_layout_says_whether_the_job_merges(method, merge, needs_merge):
+    doc = {"metadata": {"name": "qa"}, "spec": {"model": {"uri": "s3://m/x"}, "dataset": {"uri": "s3://d/x.jsonl"},
+                                                "method": {"type": method, **({"freeze": {"lastLayers": 2}} if method == "freeze" else {})},
+                                                "output": {"uri": "s3://models/qa", "merge": merge}}}  # fmt: skip
+    layout = job_layout(parse_job(doc))
+    assert layout.needs_merge is needs_merge
+
+
 def test_progress_round_trip():
     progress = Progress(phase="training", step=30, total_steps=120, loss=1.25)
     parsed = parse_progress(progress.to_json())

@@ -277,6 +277,7 @@ def test_service_monitor_keeps_the_jobs_namespace_label(chart):
 def test_pod_monitors_select_the_pods_and_ports_the_operator_builds(chart):
     """The PodMonitors' label selectors and port names match real worker pods and serving
     Deployments from kubetune_operator.builders, so Prometheus finds them."""
+    from kubetune import naming
     from kubetune.spec import load_job
     from kubetune_operator import builders
     from kubetune_operator.settings import Settings
@@ -301,8 +302,8 @@ def test_pod_monitors_select_the_pods_and_ports_the_operator_builds(chart):
         relabel = endpoint["relabelings"][0]
         assert relabel["targetLabel"] == "finetunejob"
         # __meta_kubernetes_pod_label_<name> uses the label name with every non [a-z0-9_] as "_".
-        assert relabel["sourceLabels"] == ["__meta_kubernetes_pod_label_" + builders.JOB_LABEL.replace(".", "_").replace("/", "_")]
-        assert pod["metadata"]["labels"][builders.JOB_LABEL] == job.metadata.name
+        assert relabel["sourceLabels"] == ["__meta_kubernetes_pod_label_" + naming.JOB_LABEL.replace(".", "_").replace("/", "_")]
+        assert pod["metadata"]["labels"][naming.JOB_LABEL] == job.metadata.name
 
 
 # --- CRDs ----------------------------------------------------------------------------------

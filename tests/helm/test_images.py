@@ -16,6 +16,8 @@ import helm_python as helm
 import pytest
 import yaml
 
+from kubetune.spec import Tracker
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -92,7 +94,9 @@ def test_trainer_image_is_a_cuda_pytorch_image_with_our_package():
     base = [args for op, args in steps if op == "ARG" and args.startswith("BASE_IMAGE=")][0].split("=", 1)[1]
     assert base.startswith("pytorch/pytorch:") and "cuda" in base and base.endswith("-devel")
     installs = " ".join(args for op, args in steps if op == "RUN" and "pip install" in args)
-    assert '".[train,serve]"' in installs
+    extras = re.search(r'"\.\[([a-z,]+)\]"', installs).group(1).split(",")
+    # QLoRA's bitsandbytes and every tracker spec.training.reportTo may name are in the image.
+    assert {"train", "serve", "qlora", *(t.value for t in Tracker)} <= set(extras)
     env = " ".join(args for op, args in steps if op == "ENV")
     assert "TORCH_EXTENSIONS_DIR=/var/cache/kubetune/torch_extensions" in env
     made_writable = " ".join(args for op, args in steps if op == "RUN" and "chmod" in args)

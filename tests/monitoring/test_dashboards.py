@@ -28,21 +28,14 @@ def all_queries() -> list[tuple[str, str]]:
 
 def registered_metric_names() -> dict[str, set[str]]:
     """Names each component exposes, read from the prometheus_client registries in its code."""
-    from prometheus_client import CollectorRegistry
-
     from kubetune.serve.metrics import ServeMetrics
     from kubetune.train.metrics import TrainMetrics
-    from kubetune_operator import metrics as operator_metrics
-
-    def module_registries(module) -> set[str]:
-        registries = [value for value in vars(module).values() if isinstance(value, CollectorRegistry)]
-        assert registries, f"{module.__name__} defines no CollectorRegistry"
-        return set().union(*(exposed_names(r) for r in registries))
+    from kubetune_operator.metrics import OperatorMetrics
 
     return {
         "trainer": exposed_names(TrainMetrics("job").registry),
         "serving": exposed_names(ServeMetrics().registry),
-        "operator": module_registries(operator_metrics),
+        "operator": exposed_names(OperatorMetrics(lambda: []).registry),
     }
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from kubetune.spec import parse_job
+from kubetune import naming
+from kubetune.spec import TRACKER_ENV, parse_job
 from kubetune_operator import builders
 from kubetune_operator.settings import Settings
 
-from operator_helpers import cluster_examples, example, k8s_validate
+from operator_helpers import EXAMPLES, cluster_examples, example, k8s_validate
 
 SETTINGS = Settings()
 ALL_EXAMPLES = cluster_examples()
@@ -28,7 +29,7 @@ def test_every_child_of_every_example_is_a_valid_kubernetes_object(name):
     for manifest in children(job):
         k8s_validate(manifest)
         meta = manifest["metadata"]
-        assert meta["labels"][builders.JOB_LABEL] == job.metadata.name
+        assert meta["labels"][naming.JOB_LABEL] == job.metadata.name
         assert meta["ownerReferences"] == [builders.owner_reference(job)]
         assert meta["ownerReferences"][0]["uid"] == job.metadata.uid and meta["ownerReferences"][0]["controller"] is True
 
@@ -167,3 +168,21 @@ def test_vllm_serving_fetches_the_merged_model_with_our_image():
     assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "1"
     # pvc:// model location -> the claim is mounted where kubetune.storage looks.
     assert {"name": "pvc-0", "persistentVolumeClaim": {"claimName": "models"}} in pod["volumes"]
+
+
+def test_tracker_settings_reach_the_workers_only_from_the_report_secret():
+    doc = yaml.safe_load((EXAMPLES / "lora-multinode.yaml").read_text())
+    doc["metadata"].update(namespace="default", uid="0b6a2c1e-5d1f-4c1a-9e1b-1234567890ab")
+    doc["spec"]["training"].update(reportTo=["tensorboard", "wandb", "mlflow"], reportSecret="tracker-credentials")
+    job = parse_job(doc)
+    pod = builders.build_worker_pod(job, 0, SETTINGS)
+    k8s_validate(pod)
+    env = [e for e in pod["spec"]["containers"][0]["env"] if e["name"].startswith(("WANDB_", "MLFLOW_", "SWANLAB_"))]
+    assert [e["name"] for e in env] == list(TRACKER_ENV["wandb"] + TRACKER_ENV["mlflow"])  # tensorboard needs none, swanlab not chosen
+    for e in env:
+        assert e == {"name": e["name"], "valueFrom": {"secretKeyRef": {"name": "tracker-credentials", "key": e["name"], "optional": True}}}
+    # Merge and serving pods never see them; without reportSecret the workers do not either.
+    for manifest in (builders.build_merge_pod(job, SETTINGS), builders.build_serving_deployment(job, SETTINGS)):
+        assert "WANDB_API_KEY" not in yaml.safe_dump(manifest)
+    doc["spec"]["training"].pop("reportSecret")
+    assert "WANDB_API_KEY" not in yaml.safe_dump(builders.build_worker_pod(parse_job(doc), 0, SETTINGS))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from kubetune.crd import FineTuneJobStatus
 from kubetune.planner import shipped_config
 from kubetune_operator.memory import check_memory, gpu_memory_bytes
 from kubetune_operator.status import Observed, decide
@@ -43,10 +44,10 @@ def test_host_memory_limit_is_checked_and_unknown_sizes_are_not():
 def test_memory_condition_and_a_single_warning_event():
     job = example("lora-multinode.yaml")
     short = (False, "estimated ~7.0 GiB host memory per node of 0.5 GiB: not enough host memory")
-    d = decide(job, Observed(memory=short), None, {}, NOW)
-    cond = next(c for c in d.status["conditions"] if c["type"] == "MemoryFits")
+    d = decide(job, Observed(memory=short), None, FineTuneJobStatus(), NOW)
+    cond = next(c for c in d.status.document()["conditions"] if c["type"] == "MemoryFits")
     assert (cond["status"], cond["reason"]) == ("False", "PlanExceedsMemory")
     assert "MemoryPlan" in [e.reason for e in d.events]
     assert "MemoryPlan" not in [e.reason for e in decide(job, Observed(memory=short), None, d.status, NOW).events]
     fits = decide(job, Observed(memory=(True, "estimated ~7.0 GiB")), None, d.status, NOW)
-    assert next(c for c in fits.status["conditions"] if c["type"] == "MemoryFits")["status"] == "True"
+    assert next(c for c in fits.status.document()["conditions"] if c["type"] == "MemoryFits")["status"] == "True"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import jsonschema
 import pytest
 
+from kubetune.crd import FineTuneJobStatus, open_api_schema, strict_schema
 from kubetune.layout import job_layout
 from kubetune.progress import Progress
 from kubetune_operator.status import Action, Observed, PodState, decide
@@ -13,6 +15,7 @@ from kubetune_operator.status import Action, Observed, PodState, decide
 from operator_helpers import example
 
 NOW = datetime(2026, 11, 22, 12, 0, 0)
+STATUS_SCHEMA = strict_schema(open_api_schema()["properties"]["status"])
 A = Action
 
 
@@ -29,7 +32,9 @@ def job(name="lora-multinode.yaml", **policy):
 
 
 def run(previous, observed=None, progress=None, j=None, now=NOW):
+    """`previous` as the API holds it (a dict) or as an earlier decision left it."""
     j = j or job()
+    previous = FineTuneJobStatus.model_validate(previous) if isinstance(previous, dict) else previous
     return decide(j, observed or Observed(), progress, previous, now, job_layout(j))
 
 
@@ -55,76 +60,78 @@ TABLE = [
 @pytest.mark.parametrize("previous, workers, phase, actions, events", TABLE)
 def test_transitions(previous, workers, phase, actions, events):
     decision = run(previous, Observed(workers=workers))
-    assert decision.status["phase"] == phase
+    assert decision.status.phase == phase
     assert decision.actions == actions
     assert [e.reason for e in decision.events] == events
+    # What the operator writes is what the CRD's status schema accepts (unknown fields refused).
+    jsonschema.Draft4Validator(STATUS_SCHEMA).validate(decision.status.document())
 
 
 def test_restart_counts_and_failure_names_pod_exit_code_and_log():
     d = run({"phase": "Running", "restarts": 1}, Observed(workers=pods("Running", "Failed", codes={1: 137})))
-    assert (d.status["restarts"], d.status["attempt"], d.status["lastFailedPod"]) == (2, 1, "qa-bot-worker-1")
+    assert (d.status.restarts, d.status.attempt, d.status.last_failed_pod) == (2, 1, "qa-bot-worker-1")
     assert "exit code 137" in d.events[0].message and "restart 2 of 3" in d.events[0].message
     d = run({"phase": "Running", "restarts": 3}, Observed(workers=pods("Running", "Failed", codes={1: 137})))
-    assert d.status["failureReason"] == "BackoffLimitExceeded"
-    assert "qa-bot-worker-1" in d.status["failure"] and "137" in d.status["failure"] and "boom" in d.status["failure"]
-    assert any(c["type"] == "Failed" and c["reason"] == "BackoffLimitExceeded" for c in d.status["conditions"])
+    assert d.status.failure_reason == "BackoffLimitExceeded"
+    assert "qa-bot-worker-1" in d.status.failure and "137" in d.status.failure and "boom" in d.status.failure
+    assert any(c["type"] == "Failed" and c["reason"] == "BackoffLimitExceeded" for c in d.status.document()["conditions"])
 
 
 def test_the_pod_that_caused_a_gang_failure_is_blamed_not_its_peers():
     # Worker 1 was killed (137); worker 0 then exited 1 on the broken rendezvous.
     d = run({"phase": "Running"}, Observed(workers=pods("Failed", "Failed", codes={0: 1, 1: 137})))
-    assert d.status["lastFailedPod"] == "qa-bot-worker-1" and "exit code 137" in d.events[0].message
+    assert d.status.last_failed_pod == "qa-bot-worker-1" and "exit code 137" in d.events[0].message
     # Bad input on worker 1 fails the job even when worker 0 only saw its peer go away.
     d = run({"phase": "Running"}, Observed(workers=pods("Failed", "Failed", codes={0: 1, 1: 64})))
-    assert d.status["failureReason"] == "InvalidInput"
+    assert d.status.failure_reason == "InvalidInput"
 
 
 def test_preemption_restarts_without_counting():
     d = run({"phase": "Running", "restarts": 1}, Observed(workers=pods("Failed", "Failed", codes={0: 75, 1: 75})))
-    assert d.status["phase"] == "Restarting" and d.status["restarts"] == 1 and d.status["attempt"] == 1
+    assert d.status.phase == "Restarting" and d.status.restarts == 1 and d.status.attempt == 1
 
 
 def test_suspend_deletes_workers_and_resume_starts_a_new_gang():
     d = run({"phase": "Running", "startTime": "2026-11-22T11:00:00Z"}, Observed(workers=pods("Running", "Running")), j=job(suspend=True))
-    assert d.status["phase"] == "Suspended" and d.actions == [A.DELETE_WORKERS]
+    assert d.status.phase == "Suspended" and d.actions == [A.DELETE_WORKERS]
     assert [e.reason for e in d.events] == ["Suspended"]
     d = run(d.status, Observed(), j=job(suspend=True))
-    assert d.status["phase"] == "Suspended" and d.actions == [] and d.events == []
+    assert d.status.phase == "Suspended" and d.actions == [] and d.events == []
     d = run(d.status, Observed())
-    assert d.status["phase"] == "Pending" and A.CREATE_WORKERS in d.actions
+    assert d.status.phase == "Pending" and A.CREATE_WORKERS in d.actions
     assert [e.reason for e in d.events] == ["Resumed"]
-    assert not any(c["type"] == "Suspended" for c in d.status["conditions"])
+    assert not any(c["type"] == "Suspended" for c in d.status.document()["conditions"])
 
 
 def test_merge_then_serving_then_ready():
     d = run({"phase": "Merging"}, Observed(workers=pods("Succeeded", "Succeeded")))
     assert d.actions == [A.CREATE_MERGE]
     d = run(d.status, Observed(merge=PodState("qa-bot-merge", "Succeeded")))
-    assert d.status["phase"] == "Serving" and d.actions == [A.ENSURE_SERVING]
-    assert d.status["endpoint"] == "http://qa-bot-serve.default.svc:8000/v1"
-    assert d.status["completionTime"] == "2026-11-22T12:00:00Z"
-    ready = next(c for c in d.status["conditions"] if c["type"] == "Ready")
+    assert d.status.phase == "Serving" and d.actions == [A.ENSURE_SERVING]
+    assert d.status.endpoint == "http://qa-bot-serve.default.svc:8000/v1"
+    assert d.status.completion_time == "2026-11-22T12:00:00Z"
+    ready = next(c for c in d.status.document()["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "ServingNotReady")
     d = run(d.status, Observed(serving_ready_replicas=1))
-    ready = next(c for c in d.status["conditions"] if c["type"] == "Ready")
+    ready = next(c for c in d.status.document()["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("True", "ServingReady")
     assert [e.reason for e in d.events] == ["ServingReady"]
     # Turning serving off keeps the outputs and removes the server.
     d = run(d.status, Observed(serving_ready_replicas=1), j=job(serving=False))
-    assert d.status["phase"] == "Succeeded" and d.actions == [A.DELETE_SERVING] and "endpoint" not in d.status
+    assert d.status.phase == "Succeeded" and d.actions == [A.DELETE_SERVING] and "endpoint" not in d.status.document()
 
 
 def test_merge_failure_retries_then_fails():
     d = run({"phase": "Merging", "restarts": 0}, Observed(merge=PodState("qa-bot-merge", "Failed", exit_code=1)))
-    assert d.status["phase"] == "Merging" and d.actions == [A.DELETE_MERGE] and d.status["restarts"] == 1
+    assert d.status.phase == "Merging" and d.actions == [A.DELETE_MERGE] and d.status.restarts == 1
     d = run({"phase": "Merging"}, Observed(merge=PodState("qa-bot-merge", "Failed", exit_code=64)))
-    assert d.status["phase"] == "Failed" and d.status["failureReason"] == "MergeFailed"
+    assert d.status.phase == "Failed" and d.status.failure_reason == "MergeFailed"
 
 
 def test_adapter_only_methods_skip_the_merge():
     d = run({"phase": "Running"}, Observed(workers={0: PodState("faq-ptuning-worker-0", "Succeeded")}), j=job("ptuning-cpu.yaml"))
-    assert d.status["phase"] == "Serving"
-    assert d.status["outputs"] == {"adapterUri": "s3://models/faq-ptuning/adapter"}
+    assert d.status.phase == "Serving"
+    assert d.status.document()["outputs"] == {"adapterUri": "s3://models/faq-ptuning/adapter"}
 
 
 def test_progress_json_fills_progress_loss_checkpoint_and_outputs():
@@ -132,27 +139,27 @@ def test_progress_json_fills_progress_loss_checkpoint_and_outputs():
                         last_checkpoint="step-000000050", last_checkpoint_uri="s3://checkpoints/qa-bot/step-000000050",
                         outputs={"adapter": "s3://models/qa-bot/adapter", "model": None})  # fmt: skip
     d = run({"phase": "Running"}, Observed(workers=pods("Running", "Running")), progress)
-    assert d.status["progress"] == {"step": 50, "totalSteps": 200, "percent": 25.0, "summary": "50/200", "etaSeconds": 90.0}
-    assert d.status["loss"] == pytest.approx(1.234568)
-    assert d.status["lastCheckpoint"] == "s3://checkpoints/qa-bot/step-000000050"
-    assert d.status["outputs"] == {"adapterUri": "s3://models/qa-bot/adapter"}
+    assert d.status.document()["progress"] == {"step": 50, "totalSteps": 200, "percent": 25.0, "summary": "50/200", "etaSeconds": 90.0}
+    assert d.status.loss == pytest.approx(1.234568)
+    assert d.status.last_checkpoint == "s3://checkpoints/qa-bot/step-000000050"
+    assert d.status.document()["outputs"] == {"adapterUri": "s3://models/qa-bot/adapter"}
 
 
 def test_invalid_spec_fails_once_and_recovers_when_fixed():
     d = run({}, Observed(problems=["Secret 's3-credentials' not found in namespace default"]))
-    assert d.status["phase"] == "Failed" and d.status["failureReason"] == "InvalidSpec" and d.actions == []
+    assert d.status.phase == "Failed" and d.status.failure_reason == "InvalidSpec" and d.actions == []
     assert [e.reason for e in d.events] == ["InvalidSpec"]
     again = run(d.status, Observed(problems=["Secret 's3-credentials' not found in namespace default"]))
-    assert again.events == [] and again.status["phase"] == "Failed"
+    assert again.events == [] and again.status.phase == "Failed"
     fixed = run(again.status, Observed())
-    assert fixed.status["phase"] == "Pending" and A.CREATE_WORKERS in fixed.actions
-    assert not any(c["type"] in ("InvalidSpec", "Failed") for c in fixed.status["conditions"])
+    assert fixed.status.phase == "Pending" and A.CREATE_WORKERS in fixed.actions
+    assert not any(c["type"] in ("InvalidSpec", "Failed") for c in fixed.status.document()["conditions"])
 
 
 def test_running_job_with_changed_training_fields_keeps_running_and_says_so():
     d = run({"phase": "Running"}, Observed(workers=pods("Running", "Running"), spec_changes=["training"]))
-    assert d.status["phase"] == "Running" and d.actions == [A.ENSURE_TRAINING_INFRA]
-    refused = next(c for c in d.status["conditions"] if c["type"] == "SpecChangeRefused")
+    assert d.status.phase == "Running" and d.actions == [A.ENSURE_TRAINING_INFRA]
+    refused = next(c for c in d.status.document()["conditions"] if c["type"] == "SpecChangeRefused")
     assert "spec.training" in refused["message"] and [e.reason for e in d.events] == ["SpecChangeRefused"]
     assert run(d.status, Observed(workers=pods("Running", "Running"), spec_changes=["training"])).events == []
 
@@ -161,7 +168,7 @@ def test_deadline_and_ttl():
     j = job()
     j.spec.run_policy.active_deadline_seconds = 60
     d = run({"phase": "Running", "startTime": "2026-11-22T11:58:00Z"}, Observed(workers=pods("Running", "Running")), j=j)
-    assert d.status["phase"] == "Failed" and d.status["failureReason"] == "DeadlineExceeded"
+    assert d.status.phase == "Failed" and d.status.failure_reason == "DeadlineExceeded"
     j = job(serving=False)
     j.spec.run_policy.ttl_seconds_after_finished = 60
     status = {"phase": "Succeeded", "completionTime": "2026-11-22T11:58:00Z"}
@@ -173,17 +180,17 @@ def test_deadline_and_ttl():
 def test_condition_transition_time_moves_only_on_flips():
     d1 = run({"phase": "Pending"}, Observed(workers=pods("Running", "Running")))
     d2 = run(d1.status, Observed(workers=pods("Running", "Running")), now=NOW + timedelta(minutes=5))
-    t1 = next(c for c in d1.status["conditions"] if c["type"] == "Training")["lastTransitionTime"]
-    t2 = next(c for c in d2.status["conditions"] if c["type"] == "Training")["lastTransitionTime"]
+    t1 = next(c for c in d1.status.document()["conditions"] if c["type"] == "Training")["lastTransitionTime"]
+    t2 = next(c for c in d2.status.document()["conditions"] if c["type"] == "Training")["lastTransitionTime"]
     assert t1 == t2 == "2026-11-22T12:00:00Z"
 
 
 def test_problems_on_a_started_job_are_reported_but_training_goes_on():
     previous = {"phase": "Running", "startTime": "2026-11-22T11:00:00Z"}
     d = run(previous, Observed(workers=pods("Running", "Failed", codes={1: 1}), problems=["spec.storage.credentialsSecret: Secret 's3' not found"]))
-    assert d.status["phase"] == "Restarting" and A.DELETE_WORKERS in d.actions
-    assert any(c["type"] == "InvalidSpec" for c in d.status["conditions"]) and "failureReason" not in d.status
+    assert d.status.phase == "Restarting" and A.DELETE_WORKERS in d.actions
+    assert any(c["type"] == "InvalidSpec" for c in d.status.document()["conditions"]) and "failureReason" not in d.status.document()
     assert [e.reason for e in d.events] == ["InvalidSpec", "GangRestart"]
     # Without a usable job (the live spec does not parse and no started copy) nothing is touched.
-    d = decide(None, Observed(problems=["spec.distributed.nodes: must be >= 1"]), None, previous, NOW, generation=3)
-    assert d.actions == [] and d.status["phase"] == "Running" and d.status["observedGeneration"] == 3
+    d = decide(None, Observed(problems=["spec.distributed.nodes: must be >= 1"]), None, FineTuneJobStatus.model_validate(previous), NOW, generation=3)
+    assert d.actions == [] and d.status.phase == "Running" and d.status.observed_generation == 3

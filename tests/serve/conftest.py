@@ -18,14 +18,14 @@ def tiny(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture
 def start_server(tiny):
-    """Factory: start_server(settings=..., start_engine=True, **engine_kwargs) -> (url, engine)."""
+    """Factory: start_server(settings=..., start_engine=True, tokenizer=None, **engine_kwargs) -> (url, engine)."""
     from kubetune.serve.engine import Engine
     from kubetune.serve.server import BackgroundServer, ServeSettings, create_app
 
     with contextlib.ExitStack() as stack:
 
-        def start(settings: ServeSettings | None = None, start_engine: bool = True, **engine_kwargs):
-            engine = Engine(tiny.model, tiny.tokenizer, **engine_kwargs)
+        def start(settings: ServeSettings | None = None, start_engine: bool = True, tokenizer=None, **engine_kwargs):
+            engine = Engine(tiny.model, tokenizer or tiny.tokenizer, **engine_kwargs)
             if start_engine:
                 engine.start()
             stack.callback(engine.stop)

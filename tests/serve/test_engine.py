@@ -8,7 +8,7 @@ import queue
 import pytest
 from serve_helpers import reference_ids
 
-from kubetune.serve.engine import Delta, Engine, Finished, QueueFull
+from kubetune.serve.engine import Delta, Engine, Failed, Finished, QueueFull
 from kubetune.serve.sampling import SamplingParams
 
 PROMPTS = [
@@ -36,6 +36,8 @@ def _drain(engine, handles):
                     event = h.next_event_blocking(timeout=0)
                 except queue.Empty:
                     break
+                if isinstance(event, Failed):
+                    raise AssertionError(event.message)
                 if isinstance(event, Finished):
                     done[id(h)][event.index] = event.token_ids
     return [[done[id(h)][i] for i in range(h.n)] for h in handles]
@@ -144,3 +146,102 @@ def test_prompt_longer_than_the_context_is_refused(tiny):
     engine = Engine(tiny.model, tiny.tokenizer)
     with pytest.raises(ValueError, match="context"):
         engine.submit([5] * engine.context_length, SamplingParams(max_tokens=1))
+
+
+def _events(handle) -> list:
+    out = []
+    while True:
+        try:
+            out.append(handle.next_event_blocking(timeout=0))
+        except queue.Empty:
+            return out
+
+
+# Settings that break the arithmetic of one row (the HTTP layer refuses them with a 400; the
+# engine must still survive them if they ever get through): a seed beyond 64 bits, and
+# penalties/temperatures whose scaled logits overflow to inf/nan.
+POISON = [
+    SamplingParams(max_tokens=6, temperature=1.0, seed=2**64),
+    SamplingParams(max_tokens=6, temperature=1.0, repetition_penalty=5e-324),
+    SamplingParams(max_tokens=6, temperature=1e-40),
+]
+
+
+def test_a_poisoned_row_ends_only_its_own_request(tiny):
+    engine = Engine(tiny.model, tiny.tokenizer, max_batch=8)
+    ids = _ids(tiny.tokenizer, PROMPTS[1])
+    innocent_params = SamplingParams(max_tokens=40, ignore_eos=True)
+    solo = engine.submit(ids, innocent_params)
+    solo_pieces = []  # what the request receives alone, piece by piece
+    while not any(isinstance(e, Finished) for e in solo_pieces):
+        engine.step()
+        solo_pieces += _events(solo)
+
+    innocent = engine.submit(ids, innocent_params)
+    # Poison arrives with the innocent request (same prefill), joins it mid-way (its own
+    # prefill, then the shared decode steps), and with several rows (n=3) of one request.
+    poisoned = [engine.submit(_ids(tiny.tokenizer, PROMPTS[0]), p) for p in POISON]
+    received = {id(h): [] for h in [innocent, *poisoned]}
+    step = 0
+    while not any(isinstance(e, Finished) for e in received[id(innocent)]):
+        engine.step()
+        step += 1
+        if step in (5, 12):
+            for params in POISON:
+                handle = engine.submit(_ids(tiny.tokenizer, PROMPTS[2]), params, n=3 if step == 12 else 1)
+                poisoned.append(handle)
+                received[id(handle)] = []
+        for handle in [innocent, *poisoned]:
+            received[id(handle)] += _events(handle)
+        # A failed request leaves the batch at once: only the innocent row keeps running.
+        finished = any(isinstance(e, Finished) for e in received[id(innocent)])
+        assert engine.running == (0 if finished else 1)
+    assert received[id(innocent)] == solo_pieces  # the same pieces, byte for byte, as alone
+    for handle in poisoned:
+        events = received[id(handle)]
+        assert len(events) == 1 and isinstance(events[0], Failed), events
+    assert engine.running == 0
+
+
+def test_the_transformers_cache_api_the_engine_relies_on(tiny):
+    """Rows move between batches through transformers' public cache API only (transformers >= 5.24):
+    `cache=` in and `.cache` out of the forward, without a deprecation warning; a DynamicCache
+    iterates per layer as (keys, values, ...) shaped [rows, heads, tokens, head_dim]; one built
+    from such pairs continues generation exactly as the cache it was cut from."""
+    import warnings
+
+    import torch
+    from transformers import DynamicCache
+
+    model, tok = tiny.model, tiny.tokenizer
+    first, second = _ids(tok, PROMPTS[2])[:6], _ids(tok, PROMPTS[4])[:6]
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("error")
+        cache = model(input_ids=torch.tensor([first, second]), cache=None, use_cache=True).cache
+        assert type(cache) is DynamicCache
+        layers = list(cache)
+        assert len(layers) == model.config.num_hidden_layers
+        kv_heads = model.config.num_key_value_heads
+        head_dim = model.config.hidden_size // model.config.num_attention_heads
+        assert all(keys.shape == values.shape == (2, kv_heads, 6, head_dim) for keys, values, *_ in layers)
+        second_alone = DynamicCache([(keys[1:], values[1:]) for keys, values, *_ in cache])
+        following = torch.tensor([[first[-1]], [second[-1]]])
+        both = model(input_ids=following, cache=cache, use_cache=True).logits
+        alone = model(input_ids=following[1:], cache=second_alone, use_cache=True).logits
+    torch.testing.assert_close(alone[0], both[1])
+    assert [keys.shape[2] for keys, *_ in second_alone] == [7] * len(layers)  # the forward appended to the cache it was given
+
+
+def test_joining_and_leaving_use_no_deprecated_transformers_api(tiny):
+    import warnings
+
+    engine = Engine(tiny.model, tiny.tokenizer, max_batch=8)
+    tok = tiny.tokenizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        first = engine.submit(_ids(tok, PROMPTS[1]), SamplingParams(max_tokens=12))
+        engine.step()
+        joined = engine.submit(_ids(tok, PROMPTS[0]), SamplingParams(max_tokens=3))  # joins, then leaves first
+        outputs = _drain(engine, [first, joined])
+    assert outputs[0][0] == reference_ids(tiny.model, _ids(tok, PROMPTS[1]), 12, engine.eos_ids)

@@ -1,13 +1,9 @@
-"""Pure parts of the trainer: DeepSpeed config from the spec, LR schedule, generation metrics."""
+"""Pure parts of the trainer: DeepSpeed config from the spec (LR schedule: test_schedule.py; generation metrics: test_evaluate.py)."""
 
 from __future__ import annotations
 
-import pytest
-
-from kubetune.evaluate import bleu4, exact_match, rouge_l, score, score_tokens, token_f1
 from kubetune.spec import FineTuneJobSpec
 from kubetune.train.deepspeed_config import build_deepspeed_config, uses_client_optimizer
-from kubetune.train.schedule import lr_factor
 
 
 def spec(**parts) -> FineTuneJobSpec:
@@ -43,27 +39,3 @@ def test_raw_override_merges_key_by_key():
     config = build_deepspeed_config(s, world_size=1, precision="fp32", on_gpu=False)
     assert config["zero_optimization"]["stage"] == 3 and config["zero_optimization"]["stage3_max_live_parameters"] == 1000
     assert config["gradient_clipping"] == 0.0
-
-
-def test_lr_schedule_warmup_then_decay():
-    assert [lr_factor(s, 10, 0.2, "cosine") for s in (0, 1)] == [0.5, 1.0]
-    assert lr_factor(2, 10, 0.2, "cosine") == 1.0 and lr_factor(10, 10, 0.2, "cosine") == pytest.approx(0.0)
-    assert lr_factor(6, 10, 0.2, "linear") == pytest.approx(0.5)
-    assert lr_factor(9, 10, 0.0, "constant") == 1.0
-
-
-def test_generation_metrics_exact_values():
-    assert exact_match(" Paris ", "Paris") == 100.0 and exact_match("paris", "Paris") == 0.0
-    assert token_f1("the cat sat", "the cat") == pytest.approx(80.0)
-    assert rouge_l("a b c d", "a c d e") == pytest.approx(75.0)
-    assert bleu4("the quick brown fox jumps", "the quick brown fox jumps") == pytest.approx(100.0)
-    assert bleu4("dog", "the quick brown fox") == 0.0
-    assert score(["a", "b"], ["a", "c"])["exact_match"] == 50.0
-
-
-def test_chinese_is_scored_on_words_not_whitespace():
-    tokens = score_tokens("我们一起去公园散步")
-    assert len(tokens) > 1 and "".join(tokens) == "我们一起去公园散步"
-    # Whitespace splitting would see one token each and give 0; word overlap gives partial credit.
-    assert 0.0 < token_f1("我们一起去公园散步", "我们一起去学校") < 100.0
-    assert 0.0 < rouge_l("今天天气很好", "今天天气不好") < 100.0

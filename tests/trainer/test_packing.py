@@ -1,10 +1,14 @@
-"""Packed samples never see each other: block-diagonal attention via restarting position ids."""
+"""Packed samples never see each other: block-diagonal attention via restarting position ids.
+Best-fit-decreasing packing fills the rows and is a pure function of the samples and seed."""
 
 from __future__ import annotations
 
+import math
+import random
+
 import torch
 
-from kubetune.data.batching import BatchPlan, Row, collate, model_inputs, pack, total_steps
+from kubetune.data.batching import BatchPlan, Row, best_fit_decreasing, collate, fill_ratio, model_inputs, pack, rows_from_samples, total_steps
 from kubetune.data.tokenize import Sample
 
 
@@ -74,3 +78,57 @@ def test_length_grouping_keeps_each_steps_rows_and_cuts_padding():
     for step in range(2):  # each step's rows are dealt longest first
         dealt = [lengths[i] for i in sum(grouped[2 * step : 2 * step + 2], [])]
         assert dealt == sorted(dealt, reverse=True)
+
+
+def chat_lengths(n: int, max_length: int, seed: int) -> list[int]:
+    """Lengths like instruction data: log-normal, skewed short (median maxLength / 5), 16 to maxLength."""
+    rng = random.Random(seed)
+    return [min(max_length, max(16, int(rng.lognormvariate(math.log(max_length / 5), 0.8)))) for _ in range(n)]
+
+
+def next_fit_rows(lengths: list[int], max_length: int) -> int:
+    """Rows the earlier packing (start a new row when the next sample does not fit) needed."""
+    rows, current = 1, 0
+    for n in lengths:
+        if current + n > max_length and current:
+            rows, current = rows + 1, 0
+        current += n
+    return rows
+
+
+def test_best_fit_fills_rows_where_next_fit_left_a_fifth_empty():
+    max_length = 512
+    lengths = chat_lengths(2000, max_length, seed=7)
+    next_fit = sum(lengths) / (next_fit_rows(lengths, max_length) * max_length)
+    assert 0.80 < next_fit < 0.92  # what the earlier packing achieved on such data
+    samples = [Sample([i % 50 + 3] * n, [i % 50 + 3] * n) for i, n in enumerate(lengths)]
+    rows = pack(samples, max_length)
+    assert fill_ratio(rows, max_length) >= 0.97
+    assert all(len(r) <= max_length for r in rows)
+    # Every sample exactly once, whole, with its own positions from 0.
+    pieces = sorted((r.input_ids[s], e - s) for r in rows for s, e in zip(*_bounds(r)))
+    assert pieces == sorted((i % 50 + 3, n) for i, n in enumerate(lengths))
+
+
+def _bounds(row: Row) -> tuple[list[int], list[int]]:
+    starts = [i for i, p in enumerate(row.position_ids) if p == 0]
+    return starts, starts[1:] + [len(row)]
+
+
+def test_best_fit_takes_the_tightest_row_and_keeps_input_order():
+    # Longest first: 8 opens a row (2 free), 7 a row (3 free), 5 a row; 3 fits the 3-free row
+    # exactly, 2 the 2-free one. Rows and their samples are then listed in input order.
+    assert best_fit_decreasing([5, 7, 3, 8, 2], 10) == [[0], [1, 2], [3, 4]]
+    assert best_fit_decreasing([4, 4, 4], 10) == [[0, 1], [2]]  # equal lengths: the earlier goes first
+    assert best_fit_decreasing([], 10) == []
+
+
+def test_packing_is_a_pure_function_of_samples_and_seed():
+    lengths = chat_lengths(300, 128, seed=3)
+    samples = [Sample(list(range(i, i + n)), [-100] + list(range(i + 1, i + n))) for i, n in enumerate(lengths)]
+    rows = rows_from_samples(samples, 128, packing=True, seed=11)
+    again = rows_from_samples([Sample(list(s.input_ids), list(s.labels)) for s in samples], 128, packing=True, seed=11)
+    assert rows == again  # a resumed run rebuilds exactly the rows it was training on
+    other = rows_from_samples(samples, 128, packing=True, seed=12)
+    assert other != rows and fill_ratio(other, 128) >= 0.97
+    assert sum(r.trained_tokens for r in rows) == sum(n - 1 for n in lengths)

@@ -92,7 +92,7 @@ def test_preempt_resume_metrics_and_merge(tmp_path, tiny_model_dir):
     steps = [e["step"] for e in second if e["event"] == "step"]
     assert steps == list(range(stopped["step"] + 1, 41))
     evaluation = [e for e in second if e["event"] == "eval"][-1]
-    assert set(evaluation) == {"event", "step", "validation_loss", "exact_match", "token_f1", "rouge_l", "bleu_4"}
+    assert set(evaluation) == {"event", "step", "validation_loss", "exact_match", "token_f1", "rouge_1", "rouge_2", "rouge_l", "bleu_4"}
     done = second[-1]
     assert done["event"] == "done" and done["step"] == 40
     summary = json.loads((tmp_path / "runs/pre/output/summary.json").read_text())

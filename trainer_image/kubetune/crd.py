@@ -73,6 +73,13 @@ class FineTuneJobStatus(StatusModel):
     attempt: int = Field(0, description="Gang generation, incremented on every gang restart; worker pods carry it as label kubetune.io/attempt.")
     last_failed_pod: Optional[str] = Field(None, description="Worker whose failure caused the last gang restart.")
 
+    def condition(self, type_: str) -> Optional[Condition]:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+    def document(self) -> dict[str, Any]:
+        """The status as the API holds it: camelCase keys, unset (None) fields left out."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
 
 # ---------------------------------------------------------------------------------------
 # pydantic JSON schema -> Kubernetes structural schema

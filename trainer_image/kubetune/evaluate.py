@@ -1,16 +1,21 @@
 """Evaluation: validation loss, and generation metrics on validation samples.
 
-Generation metrics (each in 0..100, averaged over samples): exact match (after trimming
-whitespace), token F1 (bag of tokens, SQuAD style), ROUGE-L F-measure (longest common
-subsequence) and sentence BLEU-4 (uniform weights, brevity penalty, add-one smoothing for
-2..4-grams as in Lin & Och 2004). Text containing Chinese/Japanese/Korean characters is
-split into words with jieba (not on whitespace, which would make a whole sentence one
-token); other text is lower-cased and split into words and punctuation.
+Generation metrics (each in 0..100, averaged over samples), computed as ChatGLM's and
+LLaMA-Factory's users compute and publish them, so figures compare with theirs:
+  * rouge_1, rouge_2, rouge_l: the `rouge-chinese` package's F-measures (ROUGE-L summary
+    level) on the words jieba cuts the prediction and the reference into (jieba segments
+    Chinese and splits other text into words); 0 when either side has no word.
+  * bleu_4: NLTK's sentence BLEU-4 on characters, smoothing method 3 (NIST geometric
+    sequence), with the reference's characters as the one reference.
+  * exact_match (after trimming whitespace) and token_f1 (SQuAD-style bag of words: jieba
+    words for text with Chinese/Japanese/Korean characters, else lower-cased words and
+    punctuation), for extraction-style answers.
+Answers are generated greedily from the prompt `encode_chat` builds, the same token ids
+training saw before that answer and serving builds for the same conversation.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from typing import Optional
@@ -19,13 +24,17 @@ _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-
 _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
 
-def score_tokens(text: str) -> list[str]:
-    """Tokens used for scoring: jieba words for CJK text, else lower-cased words/punctuation."""
-    if _CJK.search(text):
-        import jieba
+def _jieba_words(text: str) -> list[str]:
+    import jieba
 
-        jieba.setLogLevel(60)
-        return [w for w in jieba.lcut(text.lower()) if w.strip()]
+    jieba.setLogLevel(60)
+    return list(jieba.cut(text))
+
+
+def score_tokens(text: str) -> list[str]:
+    """Tokens token_f1 counts: jieba words for CJK text, else lower-cased words/punctuation."""
+    if _CJK.search(text):
+        return [w for w in _jieba_words(text.lower()) if w.strip()]
     return _WORD.findall(text.lower())
 
 
@@ -44,55 +53,40 @@ def token_f1(prediction: str, reference: str) -> float:
     return 100.0 * 2 * precision * recall / (precision + recall)
 
 
-def _lcs(a: list[str], b: list[str]) -> int:
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b, start=1):
-            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1]
+def rouge(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-1/2/L F-measures (0..100) on jieba words, as ChatGLM's evaluation computes them."""
+    from rouge_chinese import Rouge
 
-
-def rouge_l(prediction: str, reference: str) -> float:
-    pred, ref = score_tokens(prediction), score_tokens(reference)
-    lcs = _lcs(pred, ref) if pred and ref else 0
-    if lcs == 0:
-        return 100.0 if not pred and not ref else 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 100.0 * 2 * precision * recall / (precision + recall)
-
-
-def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+    hypothesis, words = " ".join(_jieba_words(prediction)), " ".join(_jieba_words(reference))
+    if not hypothesis.split() or not words.split():
+        return {"rouge_1": 0.0, "rouge_2": 0.0, "rouge_l": 0.0}
+    scores = Rouge().get_scores(hypothesis, words)[0]
+    return {f"rouge_{n}": 100.0 * scores[f"rouge-{n}"]["f"] for n in ("1", "2", "l")}
 
 
 def bleu4(prediction: str, reference: str) -> float:
-    pred, ref = score_tokens(prediction), score_tokens(reference)
-    if not pred or not ref:
+    """Sentence BLEU-4 (0..100) on characters with NLTK's smoothing method 3, as ChatGLM's evaluation."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    if not prediction or not reference:
         return 0.0
-    log_precision = 0.0
-    for n in range(1, 5):
-        matches = sum((_ngrams(pred, n) & _ngrams(ref, n)).values())
-        total = max(len(pred) - n + 1, 0)
-        if n == 1:
-            if matches == 0:
-                return 0.0
-            log_precision += math.log(matches / total) / 4
-        else:
-            log_precision += math.log((matches + 1) / (total + 1)) / 4
-    brevity = 1.0 if len(pred) > len(ref) else math.exp(1 - len(ref) / len(pred))
-    return 100.0 * brevity * math.exp(log_precision)
+    return 100.0 * sentence_bleu([list(reference)], list(prediction), smoothing_function=SmoothingFunction().method3)
 
 
-METRICS = {"exact_match": exact_match, "token_f1": token_f1, "rouge_l": rouge_l, "bleu_4": bleu4}
+METRICS = ("exact_match", "token_f1", "rouge_1", "rouge_2", "rouge_l", "bleu_4")
+
+
+def sample_scores(prediction: str, reference: str) -> dict[str, float]:
+    return {"exact_match": exact_match(prediction, reference), "token_f1": token_f1(prediction, reference),
+            **rouge(prediction, reference), "bleu_4": bleu4(prediction, reference)}  # fmt: skip
 
 
 def score(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean of every generation metric over the pairs."""
     if not predictions:
         return {name: 0.0 for name in METRICS}
-    return {name: sum(fn(p, r) for p, r in zip(predictions, references)) / len(predictions) for name, fn in METRICS.items()}
+    per_sample = [sample_scores(p, r) for p, r in zip(predictions, references)]
+    return {name: sum(s[name] for s in per_sample) / len(per_sample) for name in METRICS}
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,6 +140,14 @@ def validation_loss(model, rows: list, pad_id: int, batch_size: int, rank: int, 
     return total_loss / total_tokens if total_tokens else None
 
 
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt of a conversation's last answer: everything before it, with the template's
+    generation prompt, tokenized as training and serving tokenize it."""
+    from .data.encoding import encode_chat
+
+    return encode_chat(tokenizer, messages[:-1], add_generation_prompt=True).ids
+
+
 def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, synced: bool, device) -> list[str]:
     """Greedy answers to each conversation's prompt (everything before its last answer)."""
     import torch
@@ -155,8 +157,7 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_
     model.eval()
     with torch.no_grad():
         for messages in conversations:
-            text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+            ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
             out = model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),

@@ -243,7 +243,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
 def run_merge(job: FineTuneJob, base_dir: Optional[str | Path] = None, cache_dir: Optional[str | Path] = None) -> dict[str, Optional[str]]:
     """The `--merge` step: base + OUTPUT/adapter -> OUTPUT/model. Returns the outputs."""
     layout = job_layout(job, base_dir)
-    if layout.adapter is None or layout.model is None:
+    if not layout.needs_merge:
         raise ValueError(
             f"nothing to merge: method.type {job.spec.method.type!r} with output.merge {job.spec.output.merge} "
             "(merging needs method.type lora or qlora and output.merge: true)"

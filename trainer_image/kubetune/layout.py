@@ -5,6 +5,7 @@ the serving program and the operator, so they always agree.
     OUTPUT/model/          the servable full model: merged LoRA, or full/freeze weights
     OUTPUT/summary.json    final losses, runtime, tokens seen
     OUTPUT/metrics.jsonl   every logged step (loss, lr, grad norm, tokens/s, ...)
+    OUTPUT/tensorboard/    TensorBoard event files (spec.training.reportTo: [tensorboard])
     CHECKPOINTS/step-000000100/ ... + manifest.json (written last = committed)
     CHECKPOINTS/progress.json   what the operator reads for status
 """
@@ -35,6 +36,13 @@ class JobLayout:
     progress: Uri
     summary: Uri
     metrics: Uri
+    tensorboard: Uri
+
+    @property
+    def needs_merge(self) -> bool:
+        """Whether a merge step turns OUTPUT/adapter into OUTPUT/model (LoRA and QLoRA with
+        output.merge): the one answer the operator, `kubetune run` and the merge step use."""
+        return self.adapter is not None and self.model is not None
 
     @property
     def serving_model(self) -> Uri:
@@ -63,4 +71,5 @@ def job_layout(job: FineTuneJob, base_dir: Optional[str | Path] = None) -> JobLa
         progress=checkpoints.join("progress.json"),
         summary=output.join("summary.json"),
         metrics=output.join("metrics.jsonl"),
+        tensorboard=output.join("tensorboard"),
     )

@@ -26,6 +26,7 @@ Checked against the reference figures users measured (MISSION.md, tests/cli/test
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -99,20 +100,37 @@ def _first(config: dict[str, Any], *keys: str, default: Any = None, required: bo
     raise PlanError(f"model config has no {keys[0]}{also}")
 
 
+# The largest dimension a config.json may give (the planner loops over layers and multiplies
+# sizes, so a hostile config must not make it run for ever or overflow).
+MAX_DIMENSION = 2**31
+MAX_LAYERS = 10_000
+
+
+def _size(config: dict[str, Any], *keys: str, default: Optional[int] = None, most: int = MAX_DIMENSION) -> int:
+    """A whole positive number from the config (`_first` of `keys`); PlanError naming the key otherwise."""
+    value = _first(config, *keys, default=default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        key = next((k for k in keys if config.get(k) is not None), keys[0])
+        raise PlanError(f"model config {key}: expected a whole number from 1 to {most}, got {value!r}")
+    return value
+
+
 def model_shape(config: dict[str, Any]) -> ModelShape:
     """Read the shapes the planner needs from a Hugging Face config.json (ChatGLM names too)."""
     if not isinstance(config, dict):
         raise PlanError("model config must be a JSON object (config.json)")
-    hidden = int(_first(config, "hidden_size", "n_embd", "d_model"))
-    heads = int(_first(config, "num_attention_heads", "n_head"))
-    layers = int(_first(config, "num_hidden_layers", "num_layers", "n_layer"))
-    vocab = int(_first(config, "padded_vocab_size", "vocab_size"))
+    hidden = _size(config, "hidden_size", "n_embd", "d_model")
+    heads = _size(config, "num_attention_heads", "n_head")
+    layers = _size(config, "num_hidden_layers", "num_layers", "n_layer", most=MAX_LAYERS)
+    vocab = _size(config, "padded_vocab_size", "vocab_size")
     if "multi_query_group_num" in config or "ffn_hidden_size" in config:
-        head_dim = int(_first(config, "kv_channels", default=hidden // heads))
-        kv_heads = int(config.get("multi_query_group_num", heads)) if config.get("multi_query_attention", True) else heads
+        head_dim = _size(config, "kv_channels", default=max(hidden // heads, 1))
+        kv_heads = _size(config, "multi_query_group_num", default=heads) if config.get("multi_query_attention", True) else heads
         return ModelShape(
             family="chatglm2", vocab=vocab, hidden=hidden, layers=layers,
-            intermediate=int(_first(config, "ffn_hidden_size")), heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+            intermediate=_size(config, "ffn_hidden_size"), heads=heads, kv_heads=kv_heads, head_dim=head_dim,
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=bool(config.get("add_qkv_bias", False)), linear_bias=bool(config.get("add_bias_linear", False)),
             gated_mlp=True, eager_attention=True, softmax_fp32=bool(config.get("attention_softmax_in_fp32", True)),
@@ -120,16 +138,16 @@ def model_shape(config: dict[str, Any]) -> ModelShape:
     if "inner_hidden_size" in config or config.get("model_type") == "chatglm":
         return ModelShape(
             family="chatglm", vocab=vocab, hidden=hidden, layers=layers,
-            intermediate=int(_first(config, "inner_hidden_size", default=4 * hidden)), heads=heads, kv_heads=heads,
-            head_dim=hidden // heads, tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            intermediate=_size(config, "inner_hidden_size", default=4 * hidden), heads=heads, kv_heads=heads,
+            head_dim=max(hidden // heads, 1), tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=True, linear_bias=True, gated_mlp=False, eager_attention=True, softmax_fp32=True,
         )  # fmt: skip
     attn = config.get("_attn_implementation") or config.get("attn_implementation")
     return ModelShape(
         family="llama", vocab=vocab, hidden=hidden, layers=layers,
-        intermediate=int(_first(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)),
-        heads=heads, kv_heads=int(_first(config, "num_key_value_heads", default=heads)),
-        head_dim=int(_first(config, "head_dim", default=hidden // heads)),
+        intermediate=_size(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+        heads=heads, kv_heads=_size(config, "num_key_value_heads", default=heads),
+        head_dim=_size(config, "head_dim", default=max(hidden // heads, 1)),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=bool(config.get("attention_bias", False)) or config.get("model_type") == "qwen2",
         linear_bias=False, gated_mlp=config.get("hidden_act", "silu") in ("silu", "swish", "swiglu"),
@@ -446,4 +464,7 @@ def parse_memory(value: str | int) -> int:
     if not match:
         raise ValueError(f"{value!r} is not a memory size; write e.g. 80Gi, 48GB or 24G")
     number, unit = match.groups()
-    return int(float(number) * _UNITS[(unit or "").lower()])
+    size = float(number) * _UNITS[(unit or "").lower()]
+    if not math.isfinite(size):
+        raise ValueError(f"{value!r} is too large a memory size")
+    return int(size)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
+import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "kubetune.io"
@@ -27,7 +29,7 @@ SHORT_NAME = "ftj"
 
 
 class SpecModel(BaseModel):
-    """Base for every part of the spec: camelCase names, unknown fields rejected."""
+    """Base for every part of the spec: camelCase names, unknown fields rejected, numbers finite."""
 
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -35,6 +37,7 @@ class SpecModel(BaseModel):
         extra="forbid",
         use_enum_values=True,
         validate_default=True,
+        allow_inf_nan=False,
     )
 
 
@@ -72,6 +75,23 @@ class Offload(str, enum.Enum):
 class ServingEngine(str, enum.Enum):
     builtin = "builtin"
     vllm = "vllm"
+
+
+class Tracker(str, enum.Enum):
+    tensorboard = "tensorboard"
+    swanlab = "swanlab"
+    wandb = "wandb"
+    mlflow = "mlflow"
+
+
+# The environment variables each tracker reads: the only keys of spec.training.reportSecret
+# that reach the workers (so a Secret cannot set PYTHONPATH, LD_PRELOAD or the S3 keys).
+TRACKER_ENV: dict[str, tuple[str, ...]] = {
+    "tensorboard": (),
+    "swanlab": ("SWANLAB_API_KEY", "SWANLAB_API_HOST", "SWANLAB_WEB_HOST", "SWANLAB_WORKSPACE", "SWANLAB_PROJ_NAME", "SWANLAB_MODE"),
+    "wandb": ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_MODE"),
+    "mlflow": ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_EXPERIMENT_NAME"),
+}
 
 
 class Phase(str, enum.Enum):
@@ -254,6 +274,26 @@ class TrainingSpec(SpecModel):
     gradient_checkpointing: StrictBool = Field(False, description="Recompute activations in the backward pass to save memory.")
     log_every_steps: StrictInt = Field(10, ge=1, description="Log and export metrics every N optimizer steps.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Validation settings.")
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Experiment trackers that get the training curves (loss, learning rate, grad norm, tokens/s, GPU memory) "
+        "and evaluation metrics at every logged step, from rank 0: tensorboard (event files in OUTPUT/tensorboard), "
+        "swanlab, wandb, mlflow. Default: none.",
+    )
+    report_secret: Optional[str] = Field(
+        None,
+        description="Secret holding the trackers' settings and credentials as environment variables: "
+        + "; ".join(f"{t}: {', '.join(keys)}" for t, keys in TRACKER_ENV.items() if keys)
+        + ". Only these keys of the trackers in reportTo are passed to the workers. Never put credentials in the spec.",
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_once(cls, value: list) -> list:
+        twice = sorted({t for t in value if value.count(t) > 1})
+        if twice:
+            raise ValueError(f"training.reportTo lists {', '.join(twice)} more than once")
+        return value
 
     @model_validator(mode="after")
     def _lengths(self) -> "TrainingSpec":
@@ -381,12 +421,29 @@ class OutputSpec(SpecModel):
     merge: StrictBool = Field(True, description="Merge a LoRA adapter into the base model for serving.")
 
 
+# Sampling settings keep every scaled logit (logit x penalty / temperature: at most 10^4 x the
+# logit) far inside float range; beyond them one request's distribution becomes inf/nan.
+MIN_SAMPLING_TEMPERATURE = 0.01
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+
+
+def check_temperature(value: float) -> float:
+    """0 (greedy) or a temperature from MIN_SAMPLING_TEMPERATURE up."""
+    if 0 < value < MIN_SAMPLING_TEMPERATURE:
+        raise ValueError(f"use 0 for greedy decoding or a temperature from {MIN_SAMPLING_TEMPERATURE} to 2")
+    return value
+
+
 class GenerationSpec(SpecModel):
-    temperature: StrictFloat = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature (0 = greedy).")
+    temperature: Annotated[StrictFloat, AfterValidator(check_temperature)] = Field(
+        0.7, ge=0.0, le=2.0, description="Sampling temperature: 0 = greedy, else 0.01 to 2."
+    )
     top_p: StrictFloat = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     top_k: StrictInt = Field(50, ge=0, description="Sample among the K likeliest tokens (0 = all).")
     max_tokens: StrictInt = Field(256, ge=1, description="Longest answer in tokens.")
-    repetition_penalty: StrictFloat = Field(1.0, gt=0.0, description="Penalty for repeated tokens (1 = off).")
+    repetition_penalty: StrictFloat = Field(
+        1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, description="Penalty for repeated tokens (1 = off)."
+    )
     no_repeat_ngram_size: StrictInt = Field(0, ge=0, description="Forbid repeating n-grams of this size (0 = off).")
     num_beams: StrictInt = Field(1, ge=1, description="Beam search width (1 = off).")
     do_sample: Optional[StrictBool] = Field(None, description="Sample instead of greedy decoding (default: temperature > 0).")
@@ -500,7 +557,8 @@ class FineTuneJob(BaseModel):
 
 
 class SpecError(ValueError):
-    """A job document is invalid. `problems` holds (field path, line or None, message)."""
+    """A job document is invalid. `problems` holds (field path, line or None, message); each
+    problem is one line of the message."""
 
     def __init__(self, source: str, problems: list[tuple[str, Optional[int], str]]):
         self.source = source
@@ -508,55 +566,156 @@ class SpecError(ValueError):
         lines = []
         for path, line, message in problems:
             where = f"{source}:{line}" if line else source
+            message = " ".join(message.split("\n"))
             lines.append(f"{where}: {path}: {message}" if path else f"{where}: {message}")
+        self.lines = lines
         super().__init__("\n".join(lines))
 
 
-MAX_YAML_NODES = 100_000
+# Limits of the API server, applied to job files so that `kubetune validate` refuses what
+# `kubectl apply` would (and never runs out of time, memory or stack on a hostile file):
+# etcd stores objects of at most 1.5 MiB, JSON numbers are int64 or finite float64, and
+# strict field validation refuses duplicate fields. Nesting and the number of values (also
+# once YAML aliases are expanded) are ours: a FineTuneJob has a handful of levels and a few
+# hundred values, and composing 10,000 takes PyYAML about a second.
+MAX_JOB_BYTES = 1536 * 1024
+MAX_YAML_NODES = 10_000
+MAX_YAML_DEPTH = 64
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_INT_TAG, _FLOAT_TAG, _MERGE_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:merge"
+
+
+class _OverLimit(yaml.YAMLError):
+    """The document is nested too deep or has too many values (found while composing it)."""
+
+    def __init__(self, message: str, path: tuple, mark):
+        super().__init__(message)
+        self.path, self.problem_mark = path, mark
+
+
+class _JobLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that stops composing past MAX_YAML_DEPTH levels (its composer
+    recurses once per level and would exhaust the stack first) or MAX_YAML_NODES values."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self._path: list = []
+        self._nodes = 0
+
+    def compose_node(self, parent, index):
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            raise _OverLimit(f"the document has more than {MAX_YAML_NODES} values", tuple(self._path), self.peek_event().start_mark)
+        if parent is None:
+            return super().compose_node(parent, index)
+        if len(self._path) >= MAX_YAML_DEPTH:
+            raise _OverLimit(f"nested deeper than {MAX_YAML_DEPTH} levels", tuple(self._path), self.peek_event().start_mark)
+        self._path.append(index.value if isinstance(index, yaml.ScalarNode) else index)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._path.pop()
 
 
 def _compose_yaml(text: str) -> tuple[Optional[yaml.Node], yaml.SafeLoader]:
-    """Compose a YAML document, refusing alias bombs before anything expands them."""
-    loader = yaml.SafeLoader(text)
+    loader = _JobLoader(text)
     try:
-        root = loader.get_single_node()
+        return loader.get_single_node(), loader
     finally:
         loader.dispose()
-    sizes: dict[int, int] = {}
-
-    def expanded(node: yaml.Node) -> int:
-        # Aliases reuse node objects, so memoizing by identity counts the expansion cheaply.
-        if id(node) not in sizes:
-            sizes[id(node)] = 0  # guards against recursive aliases
-            children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else (
-                node.value if isinstance(node, yaml.SequenceNode) else []
-            )
-            sizes[id(node)] = 1 + sum(expanded(child) for child in children)
-        return sizes[id(node)]
-
-    if root is not None and expanded(root) > MAX_YAML_NODES:
-        raise yaml.YAMLError(f"YAML aliases expand the document to over {MAX_YAML_NODES} nodes; refusing it")
-    return root, loader
 
 
-def _line_index(root: Optional[yaml.Node]) -> dict[tuple, int]:
-    """Map each key path in a composed YAML document to its 1-based line number."""
+def _shown(path: tuple) -> str:
+    """A field path as the messages spell it; a very deep one cut short."""
+    return ".".join(str(p) for p in path[:6]) + (".…" if len(path) > 6 else "")
+
+
+def _inspect(root: Optional[yaml.Node], loader: yaml.SafeLoader) -> tuple[dict[tuple, int], list[tuple[str, Optional[int], str]]]:
+    """The line of every key path of a composed document, and what the API server would refuse
+    in it: recursive aliases, more than MAX_YAML_NODES values or MAX_YAML_DEPTH levels once
+    aliases are expanded, duplicate fields, integers beyond int64 and non-finite numbers.
+
+    Walks the document as its aliases expand it, and stops at MAX_YAML_NODES values, so an
+    alias bomb costs no more than a document of that size.
+    """
     index: dict[tuple, int] = {}
+    problems: list[tuple[str, Optional[int], str]] = []
+    on_path: set[int] = set()
+    checked: set[int] = set()  # nodes whose own problems are reported (once, however often aliased)
+    visits = 0
 
-    def walk(node: yaml.Node, path: tuple) -> None:
-        index.setdefault(path, node.start_mark.line + 1)
+    def refuse(path: tuple, line: int, message: str) -> None:
+        problems.append((_shown(path), line, message))
+
+    def walk(node: yaml.Node, path: tuple, line: int) -> None:
+        nonlocal visits
+        visits += 1
+        if visits > MAX_YAML_NODES:
+            refuse(path, line, f"the document has more than {MAX_YAML_NODES} values once its YAML aliases are expanded")
+            raise _Stop
+        index.setdefault(path, line)
+        if id(node) in on_path:
+            return refuse(path, line, "the value contains itself (a recursive YAML alias)")
+        if len(path) > MAX_YAML_DEPTH:
+            return refuse(path, line, f"nested deeper than {MAX_YAML_DEPTH} levels")
+        if isinstance(node, yaml.ScalarNode):
+            if id(node) not in checked:
+                checked.add(id(node))
+                message = _number_problem(node, loader)
+                if message:
+                    refuse(path, line, message)
+            return
+        own = id(node) not in checked
+        checked.add(id(node))
+        on_path.add(id(node))
         if isinstance(node, yaml.MappingNode):
+            first: dict[object, int] = {}
             for key, value in node.value:
-                child = path + (key.value,)
-                index[child] = key.start_mark.line + 1
-                walk(value, child)
+                key_line = key.start_mark.line + 1
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                if own and name is not None and key.tag != _MERGE_TAG:
+                    if name in first:
+                        refuse(path + (name,), key_line, f"duplicate field (first on line {first[name]}); the API server refuses duplicate fields")
+                    first.setdefault(name, key_line)
+                child = path + (name,)
+                index[child] = key_line
+                walk(value, child, key_line)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
-                walk(item, path + (i,))
+                walk(item, path + (i,), item.start_mark.line + 1)
+        on_path.discard(id(node))
 
     if root is not None:
-        walk(root, ())
-    return index
+        try:
+            walk(root, (), root.start_mark.line + 1)
+        except _Stop:
+            pass
+    return index, problems
+
+
+class _Stop(Exception):
+    """Ends the walk of a document over MAX_YAML_NODES values."""
+
+
+def _number_problem(node: yaml.ScalarNode, loader: yaml.SafeLoader) -> Optional[str]:
+    """Why a YAML number cannot be a JSON number of the API (int64, finite float64), or None."""
+    if node.tag == _INT_TAG:
+        # Checked by length first: int() of thousands of digits is slow or refused by Python.
+        if len(node.value.replace("_", "")) > 70 or not INT64_MIN <= loader.construct_yaml_int(node) <= INT64_MAX:
+            return f"integer out of range: must fit in 64 bits ({INT64_MIN} to {INT64_MAX})"
+    elif node.tag == _FLOAT_TAG and not math.isfinite(loader.construct_yaml_float(node)):
+        return f"not a finite number (got {node.value})"
+    return None
+
+
+def _yaml_problem(err: yaml.YAMLError, text: str) -> tuple[str, Optional[int], str]:
+    """A YAML error as one problem with its line."""
+    if isinstance(err, _OverLimit):
+        return _shown(err.path), err.problem_mark.line + 1, str(err)
+    if isinstance(err, yaml.reader.ReaderError):  # a character YAML does not allow (NUL, ...): no mark, a position
+        return "", text.count("\n", 0, err.position) + 1, f"invalid YAML: unacceptable character #x{err.character:04x}: {err.reason}"
+    mark = getattr(err, "problem_mark", None)
+    return "", mark.line + 1 if mark else None, f"invalid YAML: {getattr(err, 'problem', None) or err}"
 
 
 def line_of(text: str, field: str | tuple) -> Optional[int]:
@@ -576,10 +735,10 @@ def line_of(text: str, field: str | tuple) -> Optional[int]:
 def _text_line_index(text: str) -> Optional[dict[tuple, int]]:
     """The line index of a YAML text, composed once for every field asked about (read only)."""
     try:
-        root, _ = _compose_yaml(text)
+        root, loader = _compose_yaml(text)
     except yaml.YAMLError:
         return None
-    return _line_index(root)
+    return _inspect(root, loader)[0]
 
 
 def _field_path(loc: tuple, document: Any) -> tuple:
@@ -652,23 +811,50 @@ def parse_job(document: dict[str, Any], source: str = "<job>", lines: Optional[d
         raise SpecError(source, problems_from_validation_error(err, lines, document)) from None
 
 
-def load_job(path: str | Path) -> FineTuneJob:
-    """Read a job file (YAML or JSON). Errors name the file, the line and the field."""
+def read_job_text(path: str | Path) -> str:
+    """A job file's text, refused (SpecError) by its size before it is read, and when it is no
+    readable UTF-8 file."""
     path = Path(path)
+    too_big = f"a FineTuneJob is at most {MAX_JOB_BYTES / 1024**2:.1f} MiB (the most the API server stores for one object)"
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_JOB_BYTES:
+                raise SpecError(str(path), [("", None, f"the file is {size / 1024**2:.1f} MiB; {too_big}")])
+            data = f.read(MAX_JOB_BYTES + 1)  # a pipe or device has no size to check first
     except FileNotFoundError:
         raise SpecError(str(path), [("", None, "file not found")]) from None
+    except IsADirectoryError:
+        raise SpecError(str(path), [("", None, "is a directory, not a job file")]) from None
+    except OSError as err:
+        raise SpecError(str(path), [("", None, f"cannot be read: {err.strerror or err}")]) from None
+    if len(data) > MAX_JOB_BYTES:
+        raise SpecError(str(path), [("", None, f"more than {MAX_JOB_BYTES / 1024**2:.1f} MiB; {too_big}")])
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise SpecError(str(path), [("", None, f"not UTF-8 text ({err.reason} at byte {err.start})")]) from None
+
+
+def load_job(path: str | Path) -> FineTuneJob:
+    """Read a job file (YAML or JSON). Errors name the file, the line and the field."""
+    return load_job_text(read_job_text(path), str(path))
+
+
+def load_job_text(text: str, source: str = "<job>") -> FineTuneJob:
+    """A job from the YAML or JSON text of a file named `source`."""
     try:
         root, loader = _compose_yaml(text)
+    except yaml.YAMLError as err:
+        raise SpecError(source, [_yaml_problem(err, text)]) from None
+    lines, problems = _inspect(root, loader)
+    if problems:
+        raise SpecError(source, problems)
+    try:
         document = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        raise SpecError(str(path), [("", line, f"invalid YAML: {getattr(err, 'problem', None) or err}")]) from None
-    return parse_job(document, str(path), _line_index(root))
+        raise SpecError(source, [_yaml_problem(err, text)]) from None
+    return parse_job(document, source, lines)
 
 
 def dump_job(job: FineTuneJob) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 Everything that reads or writes a location (datasets, base models, checkpoints, outputs,
 progress) goes through `open_store(uri)`. S3 uses boto3 with the standard environment:
 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (from a Secret), AWS_ENDPOINT_URL for
-MinIO/Ceph/SeaweedFS, and bounded retries with backoff. Credentials are never logged.
+MinIO/Ceph/SeaweedFS, and bounded retries with backoff. A process that reads many jobs'
+storage with each job's own keys (the operator) passes the keys explicitly instead, through
+`S3Clients`. Credentials are never logged.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from .uri import Uri, UriError, parse_uri
 
@@ -165,18 +167,18 @@ class LocalStore(Store):
         return self._path(key).is_file()
 
 
+def _client_config(attempts: int, connect_timeout: float, read_timeout: float, pool: int = 10):
+    from botocore.config import Config
+
+    return Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=connect_timeout, read_timeout=read_timeout,
+                  s3={"addressing_style": "path"}, max_pool_connections=pool)  # fmt: skip
+
+
 def s3_client(endpoint: Optional[str] = None, region: Optional[str] = None):
     """A boto3 S3 client with bounded retries. The endpoint defaults to AWS_ENDPOINT_URL."""
     import boto3
-    from botocore.config import Config
 
-    config = Config(
-        retries={"max_attempts": int(os.environ.get("KUBETUNE_S3_MAX_ATTEMPTS", "8")), "mode": "standard"},
-        connect_timeout=5,
-        read_timeout=60,
-        s3={"addressing_style": "path"},
-        max_pool_connections=max(10, TRANSFER_THREADS * 2),
-    )
+    config = _client_config(int(os.environ.get("KUBETUNE_S3_MAX_ATTEMPTS", "8")), 5, 60, pool=max(10, TRANSFER_THREADS * 2))
     # A fresh session reads the credentials from the environment now; boto3's default
     # session would keep the first ones it saw (e.g. from before a Secret was rotated).
     return boto3.session.Session().client(
@@ -185,6 +187,49 @@ def s3_client(endpoint: Optional[str] = None, region: Optional[str] = None):
         region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
         config=config,
     )
+
+
+class S3Clients:
+    """S3 clients with explicit keys (never from os.environ), for a process that reads many
+    jobs' storage with each job's own keys: the operator, which reads a job's progress.json and
+    its model's config.json with the keys of the job's credentials Secret.
+
+    Building a client costs CPU (a new boto3 session parses the S3 service model again): all
+    clients come from one session, made on first use, and one client per endpoint, region,
+    keys and retry count is kept (at most `limit`; rotated keys leave stale entries, so a full
+    cache starts over). The cache key holds a digest of the secret key, not the key; the client
+    itself holds the keys in memory only. Keys are always passed, so the session's own
+    credential chain is never used for a job that names a Secret. Not thread-safe: build
+    clients on one thread (the operator's event loop); the clients may then be used anywhere."""
+
+    def __init__(self, limit: int = 256):
+        self.limit = limit
+        self._session: Any = None
+        self._clients: dict[tuple, Any] = {}
+
+    def session(self) -> Any:
+        if self._session is None:
+            import boto3
+
+            self._session = boto3.session.Session()
+        return self._session
+
+    def client(self, endpoint: Optional[str], region: Optional[str], keys: dict[str, str], attempts: int) -> Any:
+        """`keys`: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (either may be absent)."""
+        key_id, secret_key = keys.get("AWS_ACCESS_KEY_ID"), keys.get("AWS_SECRET_ACCESS_KEY")
+        cache_key = (endpoint or "", region or "", key_id or "", hashlib.sha256((secret_key or "").encode()).hexdigest(), attempts)
+        client = self._clients.get(cache_key)
+        if client is None:
+            client = self.session().client("s3", endpoint_url=endpoint or None, region_name=region or "us-east-1",
+                                           aws_access_key_id=key_id, aws_secret_access_key=secret_key,
+                                           config=_client_config(attempts, connect_timeout=3, read_timeout=10))  # fmt: skip
+            if len(self._clients) >= self.limit:
+                self._clients.clear()
+            self._clients[cache_key] = client
+        return client
+
+    def store(self, root: Uri, endpoint: Optional[str], region: Optional[str], keys: dict[str, str], attempts: int) -> "S3Store":
+        return S3Store(root, client=self.client(endpoint, region, keys, attempts))
 
 
 class S3Store(Store):

@@ -1,20 +1,18 @@
 """Semantic checks of a FineTuneJob that the schema cannot express.
 
 Shared by `kubetune validate` and the operator (which turns problems into an InvalidSpec
-condition instead of starting pods). Pure: no I/O, no torch. Checks that need the cluster
-(does the credentials Secret exist?) live in the operator.
+condition instead of starting pods); `job_warnings` lists what runs but is likely a mistake.
+Pure: no I/O, no torch. Checks that need the cluster (does the credentials Secret exist?)
+live in the operator.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .naming import NAME_LIMIT, worker_pod_name, workers_service_name
 from .spec import FineTuneJob
 from .uri import UriError, parse_uri
-
-# Pods are named NAME-worker-<i> and the rendezvous Service NAME-workers: both must stay
-# valid DNS labels (63 characters; Services must start with a letter).
-WORKER_SUFFIX = "-worker-"
 
 
 @dataclass(frozen=True)
@@ -117,15 +115,24 @@ def _check_training(job: FineTuneJob) -> list[Problem]:
             problems.append(Problem("spec.training.eval.everySteps", "needs a validation set: set dataset.validation ({ratio: 0.1} or {uri: ...})"))
         if evaluation.generate:
             problems.append(Problem("spec.training.eval.generate", "needs a validation set: set dataset.validation ({ratio: 0.1} or {uri: ...})"))
-    if spec.training.max_steps is not None and spec.checkpoint.every_steps > spec.training.max_steps and spec.run_policy.backoff_limit > 0:
-        problems.append(
+    return problems
+
+
+def job_warnings(job: FineTuneJob) -> list[Problem]:
+    """What runs as written but is likely not what the user meant. Never refused: `kubetune
+    validate` and `kubetune run` print these, kubetune-train logs them, the operator posts
+    each as a Warning event when the job starts."""
+    spec = job.spec
+    warnings = []
+    if spec.training.max_steps is not None and spec.checkpoint.every_steps > spec.training.max_steps:
+        warnings.append(
             Problem(
                 "spec.checkpoint.everySteps",
-                f"{spec.checkpoint.every_steps} is more than training.maxSteps {spec.training.max_steps}: "
-                "no checkpoint would be written before the end, so a restart starts over",
+                f"{spec.checkpoint.every_steps} is more than training.maxSteps {spec.training.max_steps}: only the final "
+                "checkpoint (and one on preemption) is written, so a run that fails before the end starts over",
             )
         )
-    return problems
+    return warnings
 
 
 def _check_serving(job: FineTuneJob) -> list[Problem]:
@@ -143,7 +150,9 @@ def _check_names(job: FineTuneJob) -> list[Problem]:
     problems = []
     if not name[0].isalpha():
         problems.append(Problem("metadata.name", f"{name!r} must start with a letter: the job's Services are named after it"))
-    longest = len(name) + len(WORKER_SUFFIX) + len(str(job.spec.distributed.nodes - 1))
-    if max(longest, len(name) + len("-workers")) > 63:
-        problems.append(Problem("metadata.name", f"{name!r} is too long: pod {name}{WORKER_SUFFIX}{job.spec.distributed.nodes - 1} exceeds 63 characters"))
+    # The worker pods and the rendezvous Service are named after the job: both must stay valid
+    # DNS labels (Services must start with a letter).
+    last_worker = worker_pod_name(name, job.spec.distributed.nodes - 1)
+    if max(len(last_worker), len(workers_service_name(name))) > NAME_LIMIT:
+        problems.append(Problem("metadata.name", f"{name!r} is too long: pod {last_worker} exceeds {NAME_LIMIT} characters"))
     return problems

@@ -1,6 +1,6 @@
 """Checkpoints in S3-compatible storage or a folder: see manager.py and manifest.py."""
 
-from .manager import CheckpointError, CheckpointManager, NoUsableCheckpoint, WorldSizeMismatch
+from .manager import CheckpointError, CheckpointManager, CheckpointMismatch, NoUsableCheckpoint, TrainableMismatch, WorldSizeMismatch
 from .manifest import MANIFEST, Manifest, ManifestError, checkpoint_name, checkpoint_step, parse_manifest, plan_rotation
 from .retry import RetryPolicy, with_retry
 
@@ -8,10 +8,12 @@ __all__ = [
     "MANIFEST",
     "CheckpointError",
     "CheckpointManager",
+    "CheckpointMismatch",
     "Manifest",
     "ManifestError",
     "NoUsableCheckpoint",
     "RetryPolicy",
+    "TrainableMismatch",
     "WorldSizeMismatch",
     "checkpoint_name",
     "checkpoint_step",

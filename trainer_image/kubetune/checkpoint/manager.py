@@ -16,6 +16,7 @@ checksum are kept), so a restart on fresh nodes works.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -31,6 +32,7 @@ from ..storage import Store, StorageError, open_store, sha256_file
 from ..uri import Uri, parse_uri
 from .manifest import (
     MANIFEST,
+    trainable_fingerprint,
     FileEntry,
     Manifest,
     ManifestError,
@@ -53,8 +55,16 @@ class CheckpointError(RuntimeError):
     pass
 
 
-class WorldSizeMismatch(CheckpointError):
-    """The checkpoint was written by a different number of ranks (an input error: retrying cannot help)."""
+class CheckpointMismatch(CheckpointError):
+    """The checkpoint was written by a run set up differently (an input error: retrying cannot help)."""
+
+
+class WorldSizeMismatch(CheckpointMismatch):
+    """The checkpoint was written by a different number of ranks."""
+
+
+class TrainableMismatch(CheckpointMismatch):
+    """The checkpoint trains other parameters than this run (the method changed since)."""
 
 
 class NoUsableCheckpoint(CheckpointError):
@@ -70,6 +80,35 @@ def assign_files(files: dict[str, int], ranks: list[int]) -> dict[int, list[str]
         out[rank].append(path)
         load[rank] += files[path]
     return out
+
+
+def trainable_parameters(engine) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, full shape) of every trainable parameter (ZeRO-3 partitions count whole)."""
+    return [(n, tuple(getattr(p, "ds_shape", None) or p.shape)) for n, p in engine.module.named_parameters() if p.requires_grad]
+
+
+def has_frozen_parameters(engine) -> bool:
+    return any(not p.requires_grad for p in engine.module.parameters())
+
+
+@contextlib.contextmanager
+def frozen_left_out(module):
+    """While a lean checkpoint is saved, `module.state_dict()` leaves out every frozen parameter
+    under every name it has. DeepSpeed's `exclude_frozen_parameters` drops a frozen parameter
+    under its first name only, so one reachable under a second name stayed in: a tied lm_head,
+    or the `word_embeddings` that peft's prompt learning registers beside the base model (the
+    whole embedding matrix in a P-tuning checkpoint)."""
+    frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+    def drop(_module, state, prefix, _metadata) -> None:
+        for key in [k for k in state if k[len(prefix) :] in frozen]:
+            del state[key]
+
+    handle = module.register_state_dict_post_hook(drop)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _local_files(folder: Path) -> dict[str, int]:
@@ -237,7 +276,13 @@ class CheckpointManager:
         self._raise_if_any(self._gather(error), f"checkpoint {name} could not be started")
 
         self.local_dir.mkdir(parents=True, exist_ok=True)
-        engine.save_checkpoint(str(self.local_dir), tag=name, save_latest=False)
+        # Lean: frozen weights (a LoRA's base model, ...) are not saved; resume takes them from
+        # the model location, as a first start does. DeepSpeed 0.19 leaves them out of the
+        # module state and, under ZeRO-2/3, of its frozen-fragment copies; frozen_left_out
+        # catches the ones it misses.
+        lean = has_frozen_parameters(engine)
+        with frozen_left_out(engine.module) if lean else contextlib.nullcontext():
+            engine.save_checkpoint(str(self.local_dir), tag=name, save_latest=False, exclude_frozen_parameters=lean)
         save_rng_state(stage / "rng" / f"rank-{self.rank:05d}.pt")
         self._barrier()
 
@@ -251,7 +296,8 @@ class CheckpointManager:
         mine = assign_files(node_files, node)[self.rank]
 
         manifest = Manifest(name=name, step=step, world_size=self.world_size, zero_stage=int(engine.zero_optimization_stage()),
-                            files=[], client_state=dict(client_state), tag=name)  # fmt: skip
+                            files=[], client_state=dict(client_state), tag=name, frozen_excluded=lean,
+                            trainable=trainable_fingerprint(trainable_parameters(engine)))  # fmt: skip
         group = self._background_group()
         self._upload_error = None
         self._upload = threading.Thread(target=self._upload_and_commit, args=(manifest, stage, mine, node, group, started),
@@ -371,6 +417,7 @@ class CheckpointManager:
         for candidate in candidates:
             manifest = self._read_manifest(candidate)
             self._check_world_size(manifest)
+            self._check_trainable(manifest, engine)
             results = self._gather(self._download(manifest, self._needs_every_rank(engine)))
             self._raise_if_any([storage for _, storage in results], f"checkpoint {candidate} could not be downloaded")
             corrupt = [reason for reason, _ in results if reason]
@@ -379,9 +426,9 @@ class CheckpointManager:
                 self._log_skip(candidate, self._bad[candidate])
                 continue
             self._barrier()
-            path, _ = engine.load_checkpoint(
-                str(self.local_dir), tag=manifest.tag, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
+            # A lean checkpoint's module state lacks the frozen weights: they stay as loaded.
+            path, _ = engine.load_checkpoint(str(self.local_dir), tag=manifest.tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True, load_module_strict=not manifest.frozen_excluded)  # fmt: skip
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load checkpoint {self.uri}/{candidate} from {self.local_dir}")
             load_rng_state(self.local_dir / candidate / "rng" / f"rank-{self.rank:05d}.pt")
@@ -410,6 +457,14 @@ class CheckpointManager:
                 f"(ZeRO stage {manifest.zero_stage}) but this run has {self.world_size} ranks. Resume with "
                 f"{manifest.world_size} ranks (spec.distributed.nodes x gpusPerNode = {manifest.world_size}), or "
                 "point spec.checkpoint.uri at an empty location to start over with the new size."
+            )
+
+    def _check_trainable(self, manifest: Manifest, engine) -> None:
+        if manifest.trainable and manifest.trainable != trainable_fingerprint(trainable_parameters(engine)):
+            raise TrainableMismatch(
+                f"checkpoint {self.uri}/{manifest.name} trains other parameters than this job (spec.method changed since "
+                "it was written). Restore the method it was written with, or point spec.checkpoint.uri at an empty "
+                "location to start over with the new method."
             )
 
     def _needs_every_rank(self, engine) -> bool:

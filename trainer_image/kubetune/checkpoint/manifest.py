@@ -8,10 +8,16 @@ with its size and SHA-256, plus what is needed to judge whether a run can resume
     CHECKPOINTS/step-000000100/zero_pp_rank_0_mp_rank_00_optim_states.pt  DeepSpeed tag = name)
     CHECKPOINTS/step-000000100/rng/rank-00000.pt                          (per-rank RNG)
     CHECKPOINTS/step-000000100/manifest.json                              (written last)
+
+A lean checkpoint (`frozen_excluded`) holds the trainable parameters, their optimizer state
+and the run state only; the frozen weights come from the model location on resume, as on a
+first start. `trainable` fingerprints which parameters the checkpoint trains (names and
+shapes), so a job whose method changed since is refused instead of loaded halfway.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -56,6 +62,8 @@ class Manifest:
     tag: str = ""  # the DeepSpeed tag (sub-folder) the engine files are under
     created: str = ""
     format: int = FORMAT_VERSION
+    frozen_excluded: bool = False  # lean: frozen parameters are not in the files
+    trainable: str = ""  # trainable_fingerprint() of the engine that saved it ("" if unknown)
 
     def to_json(self) -> bytes:
         data = asdict(self)
@@ -68,6 +76,12 @@ class Manifest:
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+
+def trainable_fingerprint(named_shapes: list[tuple[str, tuple[int, ...]]]) -> str:
+    """SHA-256 of the trainable parameters' names and shapes, in order."""
+    text = "\n".join(f"{name}:{','.join(map(str, shape))}" for name, shape in named_shapes)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def files_to_json(files: list[FileEntry]) -> list[dict[str, Any]]:
@@ -101,6 +115,8 @@ def parse_manifest(raw: bytes | str, name: str) -> Manifest:
             client_state=dict(data.get("client_state") or {}),
             tag=str(data.get("tag") or ""),
             created=str(data.get("created") or ""),
+            frozen_excluded=bool(data.get("frozen_excluded", False)),
+            trainable=str(data.get("trainable") or ""),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ManifestError(f"manifest.json is missing or has a malformed field: {err}") from None

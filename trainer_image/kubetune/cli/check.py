@@ -9,19 +9,25 @@ from typing import Any, Optional
 
 
 from ..planner import PlanError, estimate, parse_memory, shipped_config, shipped_configs
-from ..spec import FineTuneJob, SpecError, line_of, load_job
+from ..spec import FineTuneJob, SpecError, line_of, load_job_text, read_job_text
 from ..uri import UriError, parse_uri
-from ..validation import check_job
+from ..validation import check_job, job_warnings
 
 
 def job_problems(path: str | Path, *, on_cluster: bool) -> tuple[Optional[FineTuneJob], list[str]]:
     """The job and every problem as `FILE:LINE: FIELD: MESSAGE` lines (schema, then deeper checks)."""
     try:
-        job = load_job(path)
+        text = read_job_text(path)
+        job = load_job_text(text, str(path))
     except SpecError as err:
-        return None, str(err).splitlines()
-    text = Path(path).read_text(encoding="utf-8")
+        return None, err.lines
     return job, [f"{_where(path, text, problem.field)}: {problem}" for problem in check_job(job, on_cluster=on_cluster)]
+
+
+def warning_lines(path: str | Path, job: FineTuneJob) -> list[str]:
+    """`FILE:LINE: warning: FIELD: MESSAGE` for what runs but is likely a mistake."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [f"{_where(path, text, warning.field)}: warning: {warning}" for warning in job_warnings(job)]
 
 
 def _where(path: str | Path, text: str, field: str) -> str:
@@ -46,6 +52,8 @@ def validate_command(args) -> int:
     if problems:
         print(f"{args.job}: {len(problems)} problem{'s' if len(problems) > 1 else ''}", file=sys.stderr)
         return 1
+    for line in warning_lines(args.job, job):
+        print(line, file=sys.stderr)
     where = "a cluster" if args.cluster else "this machine"
     print(f"{args.job}: valid FineTuneJob {job.metadata.name!r} ({job.spec.method.type}, {job.spec.distributed.world_size} process(es)) for {where}")
     return 0
@@ -143,7 +151,7 @@ PARTS = {
 
 def plan_command(args) -> int:
     job, problems = job_problems(args.job, on_cluster=False)
-    if job is None:
+    if problems:  # what `kubetune validate` refuses is not planned either
         for line in problems:
             print(line, file=sys.stderr)
         return 1

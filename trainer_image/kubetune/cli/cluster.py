@@ -9,6 +9,7 @@ from typing import Any, Optional
 from rich.console import Console
 from rich.table import Table
 
+from ..naming import SERVE_ROLE, merge_pod_name, selector_text, worker_pod_name
 from ..spec import API_GROUP, API_VERSION, PLURAL
 
 
@@ -130,13 +131,13 @@ def _status(console: Console, custom, namespace: str, name: str) -> int:
 
 def pod_name(name: str, args) -> str:
     if getattr(args, "merge", False):
-        return f"{name}-merge"
-    return f"{name}-worker-{args.worker}"
+        return merge_pod_name(name)
+    return worker_pod_name(name, args.worker)
 
 
 def _logs(core, namespace: str, args) -> int:
     if args.serve:
-        pods = core.list_namespaced_pod(namespace, label_selector=f"kubetune.io/job={args.name},kubetune.io/role=serve").items
+        pods = core.list_namespaced_pod(namespace, label_selector=selector_text(args.name, SERVE_ROLE)).items
         if not pods:
             print(f"kubetune logs: no serving pod of {args.name} in {namespace}", file=sys.stderr)
             return 1

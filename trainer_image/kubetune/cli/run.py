@@ -22,16 +22,17 @@ from typing import Any, Optional
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from .. import exitcodes
-from ..layout import MERGEABLE_METHODS, JobLayout, job_layout
+from ..layout import JobLayout, job_layout
 from ..retention import describe, is_correct
 from ..spec import FineTuneJob, dump_job
 from ..storage import open_store
 from ..uri import parse_uri
-from .check import job_problems
+from .check import job_problems, warning_lines
 from .serving import LocalServer, ServerError, chat
 
 console = Console()
@@ -307,10 +308,13 @@ def summary_table(job: FineTuneJob, result: TrainResult, layout: JobLayout, extr
         "resumed from": result.resumed_from,
         "training time": f"{result.seconds:.0f} s",
     }
-    shown = {"job", "world_size", "trainable_params", "total_params", "total_steps", "step"}
-    for key, value in (result.done.get("summary") or {}).items():
+    shown = {"job", "world_size", "trainable_params", "total_params", "total_steps", "step", "packing_fill"}
+    summary = result.done.get("summary") or {}
+    for key, value in summary.items():
         if key not in shown and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             rows[key.replace("_", " ")] = f"{value:.4g}" if isinstance(value, float) else value
+    if summary.get("packing_fill") is not None:
+        rows["packing fill"] = f"{summary['packing_fill']:.1%} of the {job.spec.training.max_length}-token rows hold tokens"
     outputs = result.done.get("outputs") or {}
     rows["adapter"] = outputs.get("adapter") or (str(layout.adapter) if layout.adapter else None)
     rows["model"] = outputs.get("model") or (str(layout.model) if layout.model else None)
@@ -421,6 +425,8 @@ def run_command(args) -> int:
         for line in problems:
             print(line, file=sys.stderr)
         return 1
+    for line in warning_lines(args.job, job):
+        console.print(f"[yellow]{escape(line)}[/]")
     base_dir = job_path.parent
     workdir = base_dir / "runs" / job.metadata.name
     workdir.mkdir(parents=True, exist_ok=True)
@@ -456,7 +462,7 @@ def run_command(args) -> int:
             console.print(f"[red]training failed with exit code {result.returncode}[/]; full log: {workdir / 'train.log'}")
             return result.returncode
         timings["training time"] = f"{result.seconds:.0f} s"
-        if job.spec.method.type in MERGEABLE_METHODS and job.spec.output.merge:
+        if layout.needs_merge:
             try:
                 timings["merge time"] = f"{merge(job_file, base_dir, env, workdir / 'merge.log'):.0f} s"
             except RuntimeError as err:

@@ -38,7 +38,7 @@ def is_correct(answer: str, expect: list[str] | tuple[str, ...]) -> Optional[boo
 
 def retention_report(probes: list[Probe], base_answers: list[str], tuned_answers: list[str], warn_below: float) -> dict:
     """The probe figures and the probes whose answers lost (or gained) the reference."""
-    from ..evaluate import rouge_l
+    from ..evaluate import rouge
 
     lost, gained = [], []
     base_right = kept = unchanged = 0
@@ -48,7 +48,7 @@ def retention_report(probes: list[Probe], base_answers: list[str], tuned_answers
         base_right += was
         kept += was and now
         unchanged += before.strip() == after.strip()
-        similarity += rouge_l(after, before) / 100.0
+        similarity += rouge(after, before)["rouge_l"] / 100.0
         entry = {"question": probe.question, "expect": list(probe.expect), "base": before, "tuned": after}
         if was and not now:
             lost.append(entry)

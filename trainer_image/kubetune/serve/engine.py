@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+from transformers import DynamicCache, StoppingCriteria
 
 from .metrics import ServeMetrics
 from .sampling import SamplingParams, choose_next_tokens
@@ -120,6 +121,12 @@ class RequestHandle:
     def cancel(self) -> None:
         self.cancelled = True
 
+    def fail(self, message: str) -> None:
+        """End this request with an error (handed over at the next flush); its rows leave."""
+        if not self.cancelled:
+            self.emit(Failed(message))
+            self.cancelled = True
+
 
 class _Row:
     """One sequence being generated (a request with n > 1 has n rows)."""
@@ -161,9 +168,14 @@ class _Row:
 
 
 class _Batch:
-    """Rows generating together; `cache` holds prompt + generated[:-1] of every row."""
+    """Rows generating together; `cache` holds prompt + generated[:-1] of every row.
 
-    def __init__(self, rows: list[_Row], mask: torch.Tensor, cache):
+    Rows leave and join through transformers' public cache API only: a DynamicCache yields
+    each layer's keys and values ([rows, heads, columns, head_dim]) when iterated, and is
+    built from such pairs; the forward pass appends to the cache it is given.
+    """
+
+    def __init__(self, rows: list[_Row], mask: torch.Tensor, cache: DynamicCache):
         self.rows = rows
         self.mask = mask  # [B, L], 1 = real token, left padding = 0
         self.cache = cache
@@ -179,9 +191,7 @@ class _Batch:
         # Columns that are padding in every remaining row are dropped.
         start = int((self.mask.sum(0) > 0).nonzero()[0])
         self.mask = self.mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
+        self.cache = DynamicCache([(keys[index, :, start:], values[index, :, start:]) for keys, values, *_ in self.cache])
 
     def extend(self, other: "_Batch") -> None:
         length = max(self.mask.shape[1], other.mask.shape[1])
@@ -195,9 +205,12 @@ class _Batch:
             return torch.cat([t.new_zeros(shape), t], dim=dim)
 
         self.mask = torch.cat([pad(self.mask, 1), pad(other.mask, 1)])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)])
-            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)])
+        self.cache = DynamicCache(
+            [
+                (torch.cat([pad(my_keys, 2), pad(their_keys, 2)]), torch.cat([pad(my_values, 2), pad(their_values, 2)]))
+                for (my_keys, my_values, *_), (their_keys, their_values, *_) in zip(self.cache, other.cache)
+            ]
+        )
         self.rows += other.rows
 
 
@@ -248,6 +261,8 @@ class Engine:
         self._pending: deque[RequestHandle] = deque()
         self._cond = threading.Condition()
         self._batch: Optional[_Batch] = None
+        self._alone: Optional[RequestHandle] = None  # a request generating through model.generate
+        self._stepped: list[_Row] = []  # rows that got a token (or failed) in this step: their events are flushed after it
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
 
@@ -326,12 +341,16 @@ class Engine:
         peft_config = getattr(self.model, "peft_config", None)
         if peft_config and any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
             return False
-        from transformers.cache_utils import DynamicLayer
-
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([[self.pad_id]], device=self.device), use_cache=True)
-        layers = getattr(out.past_key_values, "layers", None)
-        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+            cache = self.model(input_ids=torch.tensor([[self.pad_id]], device=self.device), use_cache=True).cache
+        # Rows can be moved between caches only when every layer keeps one key/value column per
+        # token (no sliding window, recurrent state or shared layer).
+        return (
+            type(cache) is DynamicCache
+            and len(cache) > 0
+            and not any(cache.is_sliding + cache.is_linear + cache.is_dummy)
+            and all(keys is not None and keys.dim() == 4 and keys.shape[2] == 1 for keys, *_ in cache)
+        )
 
     def _work(self) -> None:
         with torch.inference_mode():
@@ -351,6 +370,11 @@ class Engine:
 
         The worker thread calls this in a loop; tests drive it directly to place requests
         exactly (e.g. join a running batch).
+
+        What goes wrong in one row (its seed, its sampling arithmetic, its text) ends that
+        row's request only; a prefill that fails is retried request by request, so only the
+        request that breaks it fails. Only a failing forward pass of the running batch, which
+        no single row can be blamed for, fails the requests in it.
         """
         with self._cond:
             admitted = self._take()
@@ -360,13 +384,19 @@ class Engine:
                 self._run(admitted)
         except Exception as err:  # noqa: BLE001 - one bad batch must not stop the server
             log.exception("generation failed")
-            self._fail(admitted, f"generation failed: {type(err).__name__}: {err}")
-        self.metrics.running_sequences.set(len(self._batch.rows) if self._batch else 0)
+            self._fail(admitted, _failure(err))
+        # Events are handed over once the batch reflects this step, so a caller that sees a
+        # request's token (or its end) also sees its rows in (or out of) `running`.
+        for handle in {id(h): h for h in admitted + [row.handle for row in self._stepped]}.values():
+            handle.flush()
+        self._stepped = []
+        self.metrics.running_sequences.set(self.running)
 
     @property
     def running(self) -> int:
-        """Sequences in the running batch."""
-        return len(self._batch.rows) if self._batch else 0
+        """Sequences being generated: the running batch, or the request generating alone."""
+        alone = self._alone
+        return alone.n if alone is not None else len(self._batch.rows) if self._batch else 0
 
     def _gather(self) -> None:
         """Idle model: wait a few milliseconds so requests arriving together start together."""
@@ -402,26 +432,52 @@ class Engine:
             self._generate_alone(admitted[0])
             return
         if admitted:
-            new = self._prefill(admitted)
-            if new.rows:
-                if self._batch is None:
-                    self._batch = new
-                else:
-                    self._batch.extend(new)
+            self._admit(admitted)
         if self._batch is not None:
             self._decode_step()
 
-    def _forward(self, input_ids, mask, positions, cache=None):
-        out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
-        )
-        return out.logits[:, -1, :], out.past_key_values
+    def _admit(self, handles: list[RequestHandle]) -> None:
+        """Prefill the admitted requests together and join them to the running batch; if that
+        prefill fails, prefill them one by one, so a request that cannot be prefilled fails alone."""
+        try:
+            batches = [self._prefill(handles)]
+        except Exception as err:  # noqa: BLE001 - isolated below
+            if len(handles) == 1:
+                log.exception("prefill failed")
+                handles[0].fail(_failure(err))
+                return
+            batches = []
+            for handle in handles:
+                try:
+                    batches.append(self._prefill([handle]))
+                except Exception as err:  # noqa: BLE001 - this request alone fails
+                    log.exception("prefill failed")
+                    handle.fail(_failure(err))
+        for new in batches:
+            if new is None or not new.rows:
+                continue
+            if self._batch is None:
+                self._batch = new
+            else:
+                self._batch.extend(new)
 
-    def _prefill(self, handles: list[RequestHandle]) -> _Batch:
+    def _forward(self, input_ids, mask, positions, cache: Optional[DynamicCache] = None):
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :], out.cache
+
+    def _prefill(self, handles: list[RequestHandle]) -> Optional[_Batch]:
         rows = []
         for handle in handles:
-            generator = torch.Generator().manual_seed(handle.params.seed if handle.params.seed is not None else secrets.randbits(63))
+            if handle.cancelled:  # failed in an earlier try, or its client left
+                continue
+            try:
+                generator = _generator(handle.params.seed)
+            except (ValueError, OverflowError, RuntimeError) as err:  # a seed torch cannot take
+                handle.fail(_failure(err))
+                continue
             rows += [_Row(handle, i, self.tokenizer, generator) for i in range(handle.n)]
+        if not rows:
+            return None
         width = max(row.prompt_len for row in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -457,12 +513,19 @@ class Engine:
         tokens = choose_next_tokens(logits, [r.history for r in rows], [r.params for r in rows], [r.generator for r in rows])
         now = time.monotonic()
         for row, token in zip(rows, tokens):
-            self._note_first_token(row.handle, now)
-            row.accept(token, self.eos_ids, self.context_length)
-        for handle in {id(row.handle): row.handle for row in rows}.values():
-            handle.flush()
-        self.metrics.record_tokens(len(rows))
-        batch.keep([i for i, row in enumerate(rows) if not row.done])
+            if row.handle.cancelled:  # an earlier row of the same request failed in this step
+                continue
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                self._note_first_token(row.handle, now)
+                row.accept(token, self.eos_ids, self.context_length)
+            except Exception as err:  # noqa: BLE001 - one row's failure ends its own request only
+                log.warning("request failed in the batch: %s", _failure(err))
+                row.handle.fail(_failure(err))
+        self._stepped += rows
+        self.metrics.record_tokens(sum(1 for row in rows if not row.handle.cancelled))
+        batch.keep([i for i, row in enumerate(rows) if not row.done and not row.handle.cancelled])
 
     def _note_first_token(self, handle: RequestHandle, now: float) -> None:
         if not handle._first_token_seen:
@@ -489,7 +552,13 @@ class Engine:
             kwargs.update(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
             torch.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
         ids = torch.tensor([handle.prompt_ids], device=self.device)
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        self._alone = handle
+        try:
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), stopping_criteria=[_UntilCancelled(handle)], **kwargs)
+        finally:
+            self._alone = None
+        if handle.cancelled:
+            return
         self._note_first_token(handle, time.monotonic())
         sequences = out[:, ids.shape[1] :].tolist()
         for index in range(handle.n):
@@ -510,5 +579,24 @@ class Engine:
             handles.update((id(r.handle), r.handle) for r in self._batch.rows)
             self._batch = None
         for handle in handles.values():
-            handle.emit(Failed(message))
+            handle.fail(message)
             handle.flush()
+
+
+def _generator(seed: Optional[int]) -> torch.Generator:
+    """A request's own random generator (raises for a seed torch cannot take)."""
+    return torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+
+
+def _failure(err: Exception) -> str:
+    return f"generation failed: {type(err).__name__}: {err}"
+
+
+class _UntilCancelled(StoppingCriteria):
+    """Stops `model.generate` for a request whose client has gone."""
+
+    def __init__(self, handle: RequestHandle):
+        self.handle = handle
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.handle.cancelled, dtype=torch.bool, device=input_ids.device)

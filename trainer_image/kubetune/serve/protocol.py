@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from ..spec import GenerationSpec
+from ..spec import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, GenerationSpec, check_temperature
 from .sampling import SamplingParams
 
 
@@ -29,39 +29,44 @@ class APIError(Exception):
         self.code = code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=detail).model_dump()
+
+
+INT64_MAX = 2**63 - 1
+Temperature = Annotated[float, Field(ge=0.0, le=2.0), AfterValidator(check_temperature)]
+# One stop string or a list of up to 16; always a list once parsed.
+Stops = Annotated[Union[Annotated[list[str], Field(max_length=16)], str], AfterValidator(lambda v: [v] if isinstance(v, str) else v)]
+# JSON types exactly as the published OpenAPI document says (no "5" for 5, no "true" for
+# true), so a request the document forbids is never accepted.
+_STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class _Request(BaseModel):
     # Unknown fields (user, metadata, ...) are ignored as most OpenAI-compatible servers do.
-    model_config = ConfigDict(extra="ignore")
+    # Every number is finite and bounded here, before any of it reaches the model: one
+    # request's settings must never break the arithmetic of a batch it shares.
+    model_config = _STRICT
 
     model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    max_tokens: Optional[int] = Field(None, ge=1, le=INT64_MAX)
+    temperature: Optional[Temperature] = Field(None, description="0 = greedy, else 0.01 to 2.")
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=128)
-    stop: list[str] = Field(default_factory=list)
-    seed: Optional[int] = None
+    stop: Stops = Field(default_factory=list, description="Text that ends the answer (not part of it): a string or up to 16.")
+    # torch's generator takes any 64-bit seed, signed or not.
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)
     stream: bool = False
     stream_options: Optional[dict[str, Any]] = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: Optional[Union[bool, int]] = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Not supported: must be 0.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Not supported: must be 0.")
+    logprobs: Optional[Union[bool, int]] = Field(None, description="Not supported.")
     # Extra fields beyond the OpenAI API (as vLLM accepts them).
-    top_k: Optional[int] = Field(None, ge=-1)
-    repetition_penalty: Optional[float] = Field(None, gt=0.0)
-    no_repeat_ngram_size: Optional[int] = Field(None, ge=0)
+    top_k: Optional[int] = Field(None, ge=-1, le=INT64_MAX, description="-1 or 0 = all tokens.")
+    repetition_penalty: Optional[float] = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)
+    no_repeat_ngram_size: Optional[int] = Field(None, ge=0, le=INT64_MAX)
     num_beams: Optional[int] = Field(None, ge=1, le=64)
     ignore_eos: bool = False
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stops(cls, value):
-        stops = [value] if isinstance(value, str) else (value or [])
-        if isinstance(stops, list) and len(stops) > 16:
-            raise ValueError("at most 16 stop strings")
-        return stops
 
     def check_supported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -110,13 +115,13 @@ class _Request(BaseModel):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # Required: without tool calls (not supported) a message without content means nothing.
     content: Union[str, list[TextPart]]
@@ -129,7 +134,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=INT64_MAX)
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -164,40 +169,144 @@ class CompletionRequest(_Request):
 
 
 # ---------------------------------------------------------------------------------------
-# answers
+# answers: the JSON bodies are built through these models, which the OpenAPI document
+# publishes; stream chunks are plain dicts (built per token, so kept cheap) that the chunk
+# models describe (tests/serve/test_openapi.py checks every streamed event against them).
+
+FinishReason = Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class _Envelope(BaseModel):
+    """What every answer and stream chunk carries."""
+
+    id: str
+    created: int
+    model: str
+
+
+class ChatCompletion(_Envelope):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class Completion(_Envelope):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: Optional[FinishReason]
+    logprobs: None = None
+
+
+class ChatCompletionChunk(_Envelope):
+    """One server-sent event of a streamed chat answer (`chat_chunk`, `usage_chunk` build them)."""
+
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChatChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Optional[FinishReason]
+    logprobs: None = None
+
+
+class CompletionChunk(_Envelope):
+    """One server-sent event of streamed completions (`completion_chunk`, `usage_chunk` build them)."""
+
+    object: Literal["text_completion"]
+    choices: list[CompletionChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    max_model_len: Optional[int] = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str]
+    code: Optional[str]
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Status(BaseModel):
+    """What the probes answer."""
+
+    status: Literal["ok", "ready", "loading"]
+    model: Optional[str] = None
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
 
 
 def chat_response(rid: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
-            for i, (text, reason) in enumerate(choices)
-        ],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    return ChatCompletion(
+        id=rid, created=int(time.time()), model=model, usage=usage(prompt_tokens, completion_tokens),
+        choices=[ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=reason) for i, (text, reason) in enumerate(choices)],
+    ).model_dump()  # fmt: skip
 
 
 def completion_response(rid: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None} for i, (text, reason) in enumerate(choices)],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    return Completion(
+        id=rid, created=int(time.time()), model=model, usage=usage(prompt_tokens, completion_tokens),
+        choices=[CompletionChoice(index=i, text=text, finish_reason=reason) for i, (text, reason) in enumerate(choices)],
+    ).model_dump()  # fmt: skip
 
 
 def chat_chunk(rid: str, model: str, index: int, delta: dict[str, str], finish_reason: Optional[str] = None) -> dict[str, Any]:
@@ -221,7 +330,7 @@ def completion_chunk(rid: str, model: str, index: int, text: str, finish_reason:
 
 
 def usage_chunk(rid: str, model: str, obj: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": usage(prompt_tokens, completion_tokens).model_dump()}
 
 
 def sse(data: Union[dict[str, Any], str]) -> bytes:
@@ -233,14 +342,14 @@ _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart"
 
 
 def validation_error(errors: list[dict[str, Any]]) -> APIError:
-    """The first pydantic/FastAPI validation error as an OpenAI-style 400."""
+    """The first pydantic validation error of a request body as an OpenAI-style 400."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if first.get("type") == "json_invalid":
-        return APIError(400, f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
+    if first.get("type") == "model_type" or not first.get("loc"):
+        return APIError(400, "The request body must be a JSON object")
     # Union branches add their type names to loc; keep field names and indices only.
+    loc = [str(p) for p in first["loc"]]
     param = ".".join(p for p in loc if (p.isidentifier() and p not in _TYPE_NAMES) or p.isdigit()) or None
-    message = first.get("msg", "invalid value")
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if first.get("type") == "missing":
         message = "field required"
     return APIError(400, f"{param}: {message}" if param else message, param=param)

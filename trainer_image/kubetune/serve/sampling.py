@@ -8,7 +8,7 @@ token `model.generate(do_sample=False, ...)` picks for the same logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -77,14 +77,22 @@ def process_row(scores: torch.Tensor, history: Sequence[int], params: SamplingPa
     return scores
 
 
+class SamplingError(ValueError):
+    """One row's settings gave no valid distribution over its next token."""
+
+
 def choose_next_tokens(
     logits: torch.Tensor,
     histories: Sequence[Sequence[int]],
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator],
-) -> list[int]:
-    """One next token per row of `logits` ([B, V]) under that row's own settings."""
-    chosen = [0] * logits.shape[0]
+) -> list[Union[int, SamplingError]]:
+    """One next token per row of `logits` ([B, V]) under that row's own settings.
+
+    A row whose settings break its arithmetic gets a SamplingError in place of a token; the
+    other rows are chosen exactly as if it were not there.
+    """
+    chosen: list[Union[int, SamplingError]] = [0] * logits.shape[0]
     plain = [i for i, p in enumerate(params) if p.plain_greedy]
     if plain:
         for i, token in zip(plain, logits[plain].argmax(-1).tolist()):
@@ -92,10 +100,22 @@ def choose_next_tokens(
     for i, p in enumerate(params):
         if p.plain_greedy:
             continue
-        scores = process_row(logits[i], histories[i], p)
-        if p.greedy:
-            chosen[i] = int(scores.argmax())
-        else:
-            probs = scores.softmax(-1)
-            chosen[i] = int(torch.multinomial(probs.cpu(), 1, generator=generators[i]))
+        try:
+            chosen[i] = _choose(logits[i], histories[i], p, generators[i])
+        except Exception as err:  # noqa: BLE001 - whatever breaks one row stays in that row
+            chosen[i] = err if isinstance(err, SamplingError) else SamplingError(f"{type(err).__name__}: {err}")
     return chosen
+
+
+def _choose(logits: torch.Tensor, history: Sequence[int], params: SamplingParams, generator: torch.Generator) -> int:
+    scores = process_row(logits, history, params)
+    if params.greedy:
+        if torch.isnan(scores).any():
+            raise SamplingError("the scores of the next token are not numbers")
+        return int(scores.argmax())
+    probs = scores.softmax(-1)
+    if not torch.isfinite(probs).all():
+        raise SamplingError(
+            f"temperature {params.temperature} with repetition_penalty {params.repetition_penalty} gives no valid distribution over the next token"
+        )
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))

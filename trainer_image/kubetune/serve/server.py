@@ -2,10 +2,11 @@
 
     kubetune-serve --model URI [--base-model URI] [--host 127.0.0.1] [--port 8000]
                    [--job JOB.yaml] [--no-history] [--max-queue N] [--max-batch N]
-                   [--served-model-name NAME] [--token-file FILE]
+                   [--max-body-bytes N] [--served-model-name NAME] [--token-file FILE]
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /healthz
-(process up), GET /readyz (200 once the model answered its warm-up generation), GET /metrics.
+(process up), GET /readyz (200 once the model answered its warm-up generation), GET /metrics,
+and GET /openapi.json (this API's OpenAPI document).
 The port opens at once and the model loads in the background, so probes answer while a big
 model loads. With a token (env KUBETUNE_SERVE_TOKEN or --token-file, mounted from a Secret)
 every /v1 request needs `Authorization: Bearer TOKEN`; probes and metrics stay open.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
-import json
 import logging
 import os
 import sys
@@ -25,11 +25,14 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
 
+import pydantic_core
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import exitcodes
 from ..spec import GenerationSpec, SpecError, load_job
@@ -39,8 +42,16 @@ from .engine import Delta, Engine, EngineStopped, Failed, Finished, QueueFull, R
 from .metrics import ServeMetrics
 from .protocol import (
     APIError,
+    ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    Completion,
+    CompletionChunk,
     CompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    Status,
     chat_chunk,
     chat_response,
     completion_chunk,
@@ -54,7 +65,10 @@ from .protocol import (
 log = logging.getLogger("kubetune.serve")
 
 TOKEN_ENV = "KUBETUNE_SERVE_TOKEN"
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/readyz", "/metrics")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json")
+MAX_BODY_BYTES = 2 * 1024**2  # a few times the text of a 128k-token context
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before its answer
+T = TypeVar("T")
 
 
 @dataclass
@@ -63,6 +77,7 @@ class ServeSettings:
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     history: bool = True
     token: Optional[str] = None
+    max_body_bytes: int = MAX_BODY_BYTES
 
 
 class ServerState:
@@ -83,14 +98,31 @@ class ServerState:
 # request handling
 
 
-async def _parse(request: Request, model_type):
-    raw = await request.body()
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body; a 413 as soon as it is known to be over `limit` bytes (by its
+    Content-Length, or while it streams in), so an oversized body is never held in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+        raise _too_large(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(limit)
+    return bytes(body)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than {limit} bytes (the server's --max-body-bytes)", code="request_too_large")
+
+
+def _parse(raw: bytes, model_type):
+    """The request model. pydantic's JSON parser bounds nesting depth and number sizes and
+    refuses lone surrogates, so every malformed body is a 400."""
     try:
-        document = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        document = pydantic_core.from_json(raw)
+    except ValueError as err:
         raise APIError(400, f"The request body is not valid JSON: {err}") from None
-    if not isinstance(document, dict):
-        raise APIError(400, "The request body must be a JSON object")
     try:
         return model_type.model_validate(document)
     except ValidationError as err:
@@ -162,45 +194,75 @@ def _submit(state: ServerState, engine: Engine, req, prompts: list[list[int]], p
 async def _collect(handle: RequestHandle) -> list[tuple[str, str, int]]:
     texts = [""] * handle.n
     results: list[Optional[tuple[str, str, int]]] = [None] * handle.n
-    try:
-        while any(r is None for r in results):
-            event = await handle.next_event()
-            if isinstance(event, Failed):
-                raise APIError(500, event.message, type="server_error")
-            if isinstance(event, Delta):
-                texts[event.index] += event.text
-            elif isinstance(event, Finished):
-                results[event.index] = (texts[event.index], event.reason, len(event.token_ids))
-    finally:
-        if any(r is None for r in results):
-            handle.cancel()
+    while any(r is None for r in results):
+        event = await handle.next_event()
+        if isinstance(event, Failed):
+            raise APIError(500, event.message, type="server_error")
+        if isinstance(event, Delta):
+            texts[event.index] += event.text
+        elif isinstance(event, Finished):
+            results[event.index] = (texts[event.index], event.reason, len(event.token_ids))
     return results  # type: ignore[return-value]
 
 
-async def _answer(state: ServerState, request: Request, chat: bool) -> Response:
-    started = time.monotonic()
-    req = await _parse(request, ChatCompletionRequest if chat else CompletionRequest)
+async def _collect_all(handles: list[RequestHandle]) -> list[tuple[str, str, int]]:
+    try:
+        choices: list[tuple[str, str, int]] = []
+        for handle in handles:
+            choices += await _collect(handle)
+        return choices
+    finally:
+        for handle in handles:
+            handle.cancel()  # no-op for finished ones; frees the rows of a failed or abandoned request
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body has been read, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> Optional[T]:
+    """`work`'s result, or None if the client disconnects first (then `work` is cancelled)."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, gone):
+            if not pending.done():
+                pending.cancel()
+    return task.result() if task.done() and not task.cancelled() else None
+
+
+def _prepare(state: ServerState, raw: bytes, chat: bool):
+    """Parse, check and tokenize a request: (request, engine, prompt token ids, the prompt's
+    field). Runs on a worker thread, so a big body never stalls the event loop."""
+    req = _parse(raw, ChatCompletionRequest if chat else CompletionRequest)
     _check_model(state, req.model)
     engine = state.loaded_engine()
     req.check_supported()
     if chat:
-        prompts, param = [_encode_chat(engine.tokenizer, req.conversation(state.settings.history))], "messages"
-    else:
-        vocab = engine.model.config.vocab_size
-        prompts, param = [_encode_prompt(engine.tokenizer, p, vocab) for p in req.prompts()], "prompt"
+        return req, engine, [_encode_chat(engine.tokenizer, req.conversation(state.settings.history))], "messages"
+    texts = req.prompts()
+    if len(texts) > engine.max_queue:  # would be a 429 that no retry can ever get past
+        raise APIError(400, f"{len(texts)} prompts in one request; this server queues at most {engine.max_queue} (--max-queue)", param="prompt")
+    vocab = engine.model.config.vocab_size
+    return req, engine, [_encode_prompt(engine.tokenizer, p, vocab) for p in texts], "prompt"
+
+
+async def _answer(state: ServerState, request: Request, chat: bool) -> Response:
+    started = time.monotonic()
+    raw = await _read_body(request, state.settings.max_body_bytes)
+    req, engine, prompts, param = await run_in_threadpool(_prepare, state, raw, chat)
     handles = _submit(state, engine, req, prompts, param, asyncio.get_running_loop())
     prompt_tokens = sum(len(p) for p in prompts)
     name, rid = state.settings.served_model_name, new_id("chatcmpl" if chat else "cmpl")
     if req.stream:
         body = _stream(state, handles, req, chat, rid, name, prompt_tokens, started)
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    try:
-        choices: list[tuple[str, str, int]] = []
-        for handle in handles:
-            choices += await _collect(handle)
-    finally:
-        for handle in handles:
-            handle.cancel()  # no-op for finished ones; stops the rest if this request failed
+    choices = await _unless_disconnected(request, _collect_all(handles))
+    if choices is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it; counted in the metrics
     completion_tokens = sum(c[2] for c in choices)
     build = chat_response if chat else completion_response
     state.metrics.request_latency.observe(time.monotonic() - started)
@@ -242,6 +304,88 @@ async def _stream(state: ServerState, handles: list[RequestHandle], req, chat: b
 # the application
 
 
+# Answers the POST endpoints may give, besides 200 (OpenAPI `responses`).
+_ERRORS = {
+    400: "The request is invalid; `error.param` names the field.",
+    401: "A bearer token is required (the server was started with one).",
+    404: "The model named in the request is not served here.",
+    413: "The body is larger than the server's --max-body-bytes.",
+    429: "--max-queue requests are already waiting; retry after Retry-After seconds.",
+    500: "Generation failed for this request.",
+    503: "The model is still loading, or the server is shutting down.",
+}
+
+
+def _ref(model: type) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _post_docs(request_model: type, chunk_model: type, answer: str) -> dict[str, Any]:
+    """The OpenAPI parts of a POST endpoint whose body is parsed by hand (see `_openapi_document`).
+    A streamed answer is described event by event: each `data:` is a chunk (or an error), then `[DONE]`."""
+    payload = {"anyOf": [_ref(chunk_model), _ref(ErrorResponse)]}
+    data = {"anyOf": [{"const": "[DONE]"}, {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return dict(
+        responses={200: {"description": f"{answer}; with `stream: true`, server-sent events", "content": {"text/event-stream": {"schema": event}}}}
+        | {status: {"model": ErrorResponse, "description": text} for status, text in _ERRORS.items()},
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request_model)}}}},
+    )
+
+
+def _openapi_document(app: FastAPI, settings: ServeSettings) -> dict[str, Any]:
+    """OpenAPI 3.1 of our endpoints. The POST bodies are read by hand (size limit, parsed off
+    the event loop), so their schemas come from the same pydantic models that parse them; the
+    one model name this server answers to is part of them."""
+    from fastapi.openapi.utils import get_openapi
+    from pydantic.json_schema import models_json_schema
+
+    description = "OpenAI-compatible serving of a model tuned with KubeTune: chat and text completions with per-request sampling, batched."
+    doc = get_openapi(title=app.title, version=app.version, description=description, routes=app.routes)
+    models = [(m, "validation") for m in (ChatCompletionRequest, CompletionRequest)] + [(m, "serialization") for m in (ChatCompletionChunk, CompletionChunk)]
+    _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    for request_model in (ChatCompletionRequest, CompletionRequest):
+        defs["$defs"][request_model.__name__]["properties"]["model"]["enum"] = [settings.served_model_name]
+    components = doc.setdefault("components", {})
+    components.setdefault("schemas", {}).update(defs["$defs"])
+    if settings.token:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, operations in doc["paths"].items():
+            for operation in operations.values() if path.startswith("/v1/") else ():
+                operation["security"] = [{"bearer": []}]
+    return doc
+
+
+def _error_responses(app: FastAPI, state: ServerState):
+    """Answer every error in OpenAI's shape, ours and Starlette's (unknown paths, wrong
+    methods), counted in the metrics; returns the function that builds such an answer."""
+
+    def error_response(request: Request, err: APIError, headers: Optional[dict[str, str]] = None) -> JSONResponse:
+        endpoint = request.url.path if request.url.path in ENDPOINTS else "other"
+        state.metrics.errors.labels(endpoint, err.type).inc()
+        if err.status == 429:
+            headers = {**(headers or {}), "Retry-After": "1"}
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return error_response(request, err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        # Unknown paths and wrong methods, in OpenAI's error shape like every other error.
+        path = request.url.path
+        if err.status_code == 404:
+            api_error = APIError(404, f"There is no {path}; this server answers {', '.join(ENDPOINTS)}", code="not_found")
+        elif err.status_code == 405:
+            api_error = APIError(405, f"{request.method} is not allowed on {path}; use {(err.headers or {}).get('Allow')}", code="method_not_allowed")
+        else:
+            api_error = APIError(err.status_code, str(err.detail))
+        return error_response(request, api_error, err.headers)
+
+    return error_response
+
+
 def create_app(settings: ServeSettings, metrics: Optional[ServeMetrics] = None, engine: Optional[Engine] = None) -> FastAPI:
     """The HTTP application. `engine` may be attached later (state.engine) once the model has loaded."""
     state = ServerState(settings, metrics or (engine.metrics if engine else ServeMetrics()), engine)
@@ -252,18 +396,17 @@ def create_app(settings: ServeSettings, metrics: Optional[ServeMetrics] = None, 
         if state.engine is not None:
             state.engine.stop()
 
-    app = FastAPI(title="kubetune-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="kubetune-serve", version="v1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.kubetune = state
 
-    def error_response(request: Request, err: APIError) -> JSONResponse:
-        endpoint = request.url.path if request.url.path in ENDPOINTS else "other"
-        state.metrics.errors.labels(endpoint, err.type).inc()
-        headers = {"Retry-After": "1"} if err.status == 429 else None
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _openapi_document(app, settings)
+        return app.openapi_schema
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, err: APIError):
-        return error_response(request, err)
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    error_response = _error_responses(app, state)
 
     @app.middleware("http")
     async def _auth_and_count(request: Request, call_next):
@@ -281,34 +424,37 @@ def create_app(settings: ServeSettings, metrics: Optional[ServeMetrics] = None, 
         state.metrics.requests.labels(path if path in ENDPOINTS else "other", str(response.status_code)).inc()
         return response
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Status)
     async def healthz():
-        return {"status": "ok"}
+        """The process is up."""
+        return Status(status="ok").model_dump()
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=Status, responses={503: {"model": Status, "description": "The model is loading or warming up."}})
     async def readyz():
+        """200 once the model has answered its warm-up generation."""
         if state.engine is not None and state.engine.ready.is_set():
-            return {"status": "ready", "model": settings.served_model_name}
-        return JSONResponse({"status": "loading"}, status_code=503)
+            return Status(status="ready", model=settings.served_model_name).model_dump()
+        return JSONResponse(Status(status="loading").model_dump(), status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus metrics"}})
     async def metrics_endpoint():
         body, content_type = state.metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse, "description": _ERRORS[401]}})
     async def models():
-        card: dict[str, Any] = {"id": settings.served_model_name, "object": "model", "created": state.started, "owned_by": "kubetune"}
-        if state.engine is not None:
-            card["max_model_len"] = state.engine.context_length
-        return {"object": "list", "data": [card]}
+        """The one model this server serves."""
+        length = state.engine.context_length if state.engine is not None else None
+        return ModelList(data=[ModelCard(id=settings.served_model_name, created=state.started, owned_by="kubetune", max_model_len=length)]).model_dump()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, **_post_docs(ChatCompletionRequest, ChatCompletionChunk, "The answer"))
     async def chat_completions(request: Request):
+        """Chat with the model (OpenAI's chat completions API, plus vLLM-style sampling fields)."""
         return await _answer(state, request, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=Completion, **_post_docs(CompletionRequest, CompletionChunk, "The completions"))
     async def completions(request: Request):
+        """Continue one or more prompts (text or token ids)."""
         return await _answer(state, request, chat=False)
 
     return app
@@ -364,6 +510,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-history", action="store_true", help="Answer each question alone: keep only system prompts and the last user message.")
     p.add_argument("--max-queue", type=int, default=64, help="Requests allowed to wait; more get 429.")
     p.add_argument("--max-batch", type=int, default=16, help="Sequences generated together.")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="Largest request body; bigger ones get 413.")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="How long an idle model waits to gather requests.")
     p.add_argument("--served-model-name", help="Model name clients send (default: the job name, else the location's last part).")
     p.add_argument("--token-file", help=f"File holding the bearer token (default: env {TOKEN_ENV}).")
@@ -371,7 +518,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=os.environ.get("KUBETUNE_CACHE_DIR") or "/tmp/kubetune-serve", help="Where remote models are downloaded.")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
-    for name in ("max_queue", "max_batch", "port"):
+    for name in ("max_queue", "max_batch", "max_body_bytes", "port"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -391,6 +538,7 @@ def _settings(args: argparse.Namespace):
         generation=serving.generation if serving else GenerationSpec(),
         history=not args.no_history and (serving.history if serving else True),
         token=token,
+        max_body_bytes=args.max_body_bytes,
     )
     load_kwargs = dict(
         base_model=args.base_model,

@@ -17,6 +17,7 @@ from typing import Optional
 from .. import exitcodes
 from ..spec import SpecError, load_job
 from ..storage import StorageError
+from ..validation import job_warnings
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -29,15 +30,16 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def invalid_input_errors() -> tuple[type[Exception], ...]:
     """Errors that mean the job or its data is wrong: retrying cannot help."""
-    from ..checkpoint import WorldSizeMismatch
+    from ..checkpoint import CheckpointMismatch
     from ..data.loader import DataError
     from ..data.tokenize import TemplateError
     from ..layout import LayoutError
     from ..model.methods import MethodError
     from ..uri import UriError
-    from .loop import ModelSourceError
+    from .recipe import ModelSourceError
+    from .tracking import TrackerError
 
-    return (SpecError, DataError, TemplateError, LayoutError, MethodError, ModelSourceError, UriError, WorldSizeMismatch)
+    return (SpecError, DataError, TemplateError, LayoutError, MethodError, ModelSourceError, UriError, CheckpointMismatch, TrackerError)
 
 
 # Host buffers of at least this many bytes get their own mapping, returned to the system when freed.
@@ -84,6 +86,9 @@ def execute(args: argparse.Namespace) -> int:
     base_dir = Path(args.base_dir) if args.base_dir else Path(args.job).resolve().parent
     try:
         job = load_job(args.job)
+        if os.environ.get("RANK", "0") == "0":
+            for warning in job_warnings(job):
+                logging.getLogger("kubetune.train").warning("%s", warning)
         if job.spec.distributed.zero.stage == 3:
             return_freed_host_memory()
         if args.merge:
