@@ -97,17 +97,29 @@ def test_replay_is_reused_after_preemption_and_the_figures_are_reported(tmp_path
     }  # fmt: skip
 
 
-def test_train_metrics_export_the_probe_figures():
-    from kubetune.train.metrics import TrainMetrics
+def test_the_reporter_sends_the_figures_to_metrics_events_and_progress(tmp_path, tiny_model_dir, capsys):
+    from kubetune.layout import job_layout
+    from kubetune.spec import load_job
+    from kubetune.train.reporter import Reporter
 
-    metrics = TrainMetrics("qa", registry=CollectorRegistry())
-    metrics.observe_retention({"kept_ratio": 0.9333, "base_right": 15, "kept": 14, "lost": [{"question": "q"}], "replay": {"samples": 15}})
-    scraped = generate_latest(metrics.registry).decode()
+    job = load_job(write_job(tmp_path, tiny_model_dir, "qa"))
+    reporter = Reporter(job, job_layout(job, tmp_path), world_size=1, main=True)
+    reporter.replay({"replay_prompts": 15, "replay_finished": 14, "probes": 94, "cached": False, "seconds": 3.5, "cache": "c", "samples": 15})
+    lost = [{"question": "What is 7 times 8?", "expect": ["56"], "base": "56.", "tuned": "54."}]
+    report = {"probes": 94, "base_right": 15, "kept": 14, "kept_ratio": 0.9333, "warn_below": 0.95, "below_threshold": True,
+              "unchanged": 80, "similarity": 0.9, "lost": lost, "gained": [], "replay": {"samples": 15}}  # fmt: skip
+    reporter.retention(report)
+    scraped = generate_latest(reporter.metrics.registry).decode()
     assert 'kubetune_train_retention_kept_ratio{finetunejob="qa"} 0.9333' in scraped
     assert 'kubetune_train_retention_probes{finetunejob="qa",outcome="kept"} 14.0' in scraped
     assert 'kubetune_train_retention_probes{finetunejob="qa",outcome="base_right"} 15.0' in scraped
     assert 'kubetune_train_retention_probes{finetunejob="qa",outcome="lost"} 1.0' in scraped
+    assert 'kubetune_train_retention_probes{finetunejob="qa",outcome="gained"} 0.0' in scraped
     assert 'kubetune_train_replay_samples{finetunejob="qa"} 15.0' in scraped
+    assert [e["event"] for e in events(capsys.readouterr().out)] == ["replay", "retention"]
+    progress = json.loads((tmp_path / "runs/qa/output/checkpoints/progress.json").read_text())
+    assert progress["retention"] == {"probes": 94, "base_right": 15, "kept": 14, "kept_ratio": 0.9333, "warn_below": 0.95,
+                                     "below_threshold": True, "lost": ["What is 7 times 8?"]}  # fmt: skip
 
 
 def test_two_zero3_ranks_split_the_generation_and_answer_as_one_process(tmp_path, tiny_model_dir):

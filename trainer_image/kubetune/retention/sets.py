@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..data.loader import MAX_REPORTED_ERRORS, DataError, fetch_records, read_records
 from ..spec import RetentionSpec
@@ -65,31 +65,30 @@ def _parse(records: list[tuple[str, Any]], parse, shown: str, layout: str) -> li
     return items
 
 
-REPLAY_LAYOUT = '{"prompt": "..."}'
-PROBE_LAYOUT = '{"question": "...", "expect": ["..."]}'
+@dataclass(frozen=True)
+class SetFile:
+    """One of the two sets: the spec field naming the user's file, the shipped file, the record layout."""
+
+    what: str
+    field: str
+    shipped: str
+    parse: Callable[[Any], Any]
+    layout: str
+
+    def load(self, uri: Optional[str], cache_dir: Path, base_dir=None, endpoint=None) -> list:
+        """The user's file (every record checked, a bad one refused with file:line), else the shipped set."""
+        if uri:
+            records, shown = fetch_records(uri, self.what, self.field, cache_dir, base_dir, endpoint)
+        else:
+            shown = f"kubetune/retention/prompts/{self.shipped}"
+            records = read_records(Path(str(resources.files("kubetune.retention") / "prompts" / self.shipped)), shown)
+        return _parse(records, self.parse, shown, self.layout)
 
 
-def _shipped(name: str) -> tuple[list[tuple[str, Any]], str]:
-    shown = f"kubetune/retention/prompts/{name}"
-    return read_records(Path(str(resources.files("kubetune.retention") / "prompts" / name)), shown), shown
-
-
-def load_replay_prompts(uri: Optional[str], cache_dir: Path, base_dir=None, endpoint=None) -> list[str]:
-    """The replay prompts: the user's file, else the shipped set."""
-    if uri:
-        records, shown = fetch_records(uri, "replay prompts", "spec.retention.replay.uri", cache_dir, base_dir, endpoint)
-    else:
-        records, shown = _shipped("replay.jsonl")
-    return _parse(records, _prompt, shown, REPLAY_LAYOUT)
-
-
-def load_probes(uri: Optional[str], cache_dir: Path, base_dir=None, endpoint=None) -> list[Probe]:
-    """The probe questions: the user's file, else the shipped set."""
-    if uri:
-        records, shown = fetch_records(uri, "probe questions", "spec.retention.probes.uri", cache_dir, base_dir, endpoint)
-    else:
-        records, shown = _shipped("probes.jsonl")
-    return _parse(records, _probe, shown, PROBE_LAYOUT)
+REPLAY_PROMPTS = SetFile("replay prompts", "spec.retention.replay.uri", "replay.jsonl", _prompt, '{"prompt": "..."}')
+PROBES = SetFile("probe questions", "spec.retention.probes.uri", "probes.jsonl", _probe, '{"question": "...", "expect": ["..."]}')
+load_replay_prompts = REPLAY_PROMPTS.load
+load_probes = PROBES.load
 
 
 def normalized(text: str) -> str:

@@ -19,6 +19,7 @@ from .. import exitcodes
 from ..data.loader import load_datasets
 from ..layout import job_layout
 from ..model_source import default_cache_dir
+from ..retention import Retention
 from ..spec import FineTuneJob
 from .recipe import FineTuneRecipe, RunContext
 from .reporter import Reporter
@@ -114,12 +115,13 @@ def run(job: FineTuneJob, base_dir: Optional[Path]) -> int:
 
     # Data, validated before any model file is touched (or DeepSpeed is even imported).
     examples, val_examples = load_datasets(spec.dataset, spec.training.seed, work / "data", base_dir, spec.storage.endpoint)
+    retention = Retention.plan(job, len(examples), work / "retention", base_dir)  # its prompt files, checked like the data
     dist_info = init_distributed()
     # Trackers start before the model loads: a missing package or setting fails in seconds.
     reporter = Reporter(job, layout, dist_info.world_size, main=dist_info.main, trackers=build_trackers(job, layout, dist_info.main))
     preemption = Preemption()
     reporter.phase("starting")
-    ctx = RunContext(job, base_dir, layout, dist_info, preemption, reporter, examples, val_examples, cache_dir, work)
+    ctx = RunContext(job, base_dir, layout, dist_info, preemption, reporter, examples, val_examples, cache_dir, work, retention)
     failed = True
     try:
         recipe = FineTuneRecipe(ctx)

@@ -33,7 +33,7 @@ class TrainMetrics:
         self.gpu_memory_bytes = gauge("gpu_memory_bytes", "GPU memory of rank 0", ("kind",))
         self.last_checkpoint = gauge("last_checkpoint_timestamp_seconds", "Unix time of the newest committed checkpoint")
         self.retention_kept_ratio = gauge("retention_kept_ratio", "Of the probes the base model answered right, the fraction the tuned model still answers right (spec.retention)")
-        self.retention_probes = gauge("retention_probes", "Retention probes by outcome: base_right, kept, lost", ("outcome",))
+        self.retention_probes = gauge("retention_probes", "Retention probes by outcome: base_right (the base model answered right), kept (still right after training), lost, gained", ("outcome",))
         self.replay_samples = gauge("replay_samples", "Base-model answers replayed in training (spec.retention)")
         self.tokens_total = Counter(PREFIX + "tokens_total", "Non-padding tokens trained on, all ranks", labels, registry=self.registry)
         self.checkpoint_seconds = Histogram(
@@ -78,9 +78,8 @@ class TrainMetrics:
         j = self.job
         if report["kept_ratio"] is not None:
             self.retention_kept_ratio.labels(j).set(report["kept_ratio"])
-        for outcome, value in (("base_right", report["base_right"]), ("kept", report["kept"]), ("lost", len(report["lost"]))):
+        for outcome, value in (("base_right", report["base_right"]), ("kept", report["kept"]), ("lost", len(report["lost"])), ("gained", len(report["gained"]))):
             self.retention_probes.labels(j, outcome).set(value)
-        self.replay_samples.labels(j).set(report["replay"]["samples"])
 
     def _gpu_memory(self) -> None:
         import torch

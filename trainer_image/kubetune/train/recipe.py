@@ -1,7 +1,8 @@
-"""The training run as a recipe (torchtune's shape): `setup` (data, model, engine, resume),
-`train` (the step loop, with periodic `evaluate` and `save`), `finish` (final checkpoint,
-export, summary). The run's state lives in attributes: what a checkpoint must carry in
-`state` (RunState), the rest rebuilt by `setup` on every start. Everything the run reports
+"""The training run as a recipe (torchtune's shape): `setup` (model files, spec.retention's
+base-model answers, data, model, engine, resume), `train` (the step loop, with periodic
+`evaluate` and `save`), `finish` (final checkpoint, spec.retention's probes, export,
+summary). The run's state lives in attributes: what a checkpoint must carry in `state`
+(RunState), the rest rebuilt by `setup` on every start. Everything the run reports
 goes through one Reporter (events, metrics, status files, trackers).
 
 Order matters for users: the tokenizer (chat template, lengths) is checked before the weights
@@ -22,9 +23,11 @@ from ..checkpoint import CheckpointManager
 from ..data.batching import model_inputs
 from ..data.cache import TokenCache
 from ..data.loader import Example
-from ..data.pipeline import Epoch, prepare
+from ..data.pipeline import Epoch, length_limits, prepare
+from ..data.tokenize import Sample
 from ..layout import JobLayout
 from ..model_source import materialize_model, verify_export
+from ..retention import Retention
 from ..spec import FineTuneJob
 from ..storage import fetch, open_store
 from .deepspeed_config import build_deepspeed_config
@@ -65,6 +68,7 @@ class RunContext:
     val_examples: list[Example]
     cache_dir: Path
     work: Path
+    retention: Optional[Retention] = None  # spec.retention's prompt sets, planned with the data
 
 
 class FineTuneRecipe:
@@ -76,18 +80,22 @@ class FineTuneRecipe:
         self.state = RunState()
         self.window = LossWindow()
         self.own_grad_norm: Optional[float] = None  # measured here under ZeRO stage 0 (see _micro_step)
+        self.replay: list[Sample] = []  # spec.retention: the base model's answers, trained beside the data
+        self.retention_report: Optional[dict] = None  # spec.retention: the probe figures after training
 
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
+        self._setup_files()
+        self._setup_retention()
         self._setup_data()
         self._setup_model()
         self._setup_engine()
         self._resume()
 
-    def _setup_data(self) -> None:
-        """Model files and tokenizer; then the data, tokenized with the model's own template."""
-        from ..model.loader import load_tokenizer
+    def _setup_files(self) -> None:
+        """Model files, tokenizer, adapter to continue from, precision and DeepSpeed config."""
+        from ..model.loader import load_tokenizer, resolve_precision
 
         self.reporter.phase("loading")
         try:
@@ -95,29 +103,49 @@ class FineTuneRecipe:
         except (FileNotFoundError, ValueError) as err:
             raise ModelSourceError(str(err)) from None
         self.tokenizer = load_tokenizer(self.model_dir, self.spec)
-        store = open_store(self.ctx.layout.checkpoints, endpoint=self.spec.storage.endpoint)
-        cache = TokenCache(store, self.ctx.cache_dir / "tokenized", self.dist.once_per_node)
-        started = time.monotonic()
-        self.data = prepare(self.spec, self.tokenizer, self.ctx.examples, self.ctx.val_examples, self.dist.world_size, cache)
-        self.data_seconds = time.monotonic() - started  # tokenizing (or reading the cached tokens), packing, planning
-
-    def _setup_model(self) -> None:
-        """The base weights, with the method's trainable parameters on top."""
-        import torch
-
-        from ..model.loader import load_model, resolve_precision
-        from ..model.methods import apply_method, count_parameters, quantization_config
-
-        t = self.spec.training
-        self.precision = resolve_precision(t.precision)
+        self.adapter_dir = self._adapter_dir()
+        self.precision = resolve_precision(self.spec.training.precision)
         on_gpu = self.dist.device.type == "cuda"
         self.ds_config = build_deepspeed_config(self.spec, self.dist.world_size, self.precision, on_gpu=on_gpu, hidden_size=hidden_size(self.model_dir))
-        torch.manual_seed(t.seed)
+        self.checkpoint_store = open_store(self.ctx.layout.checkpoints, endpoint=self.spec.storage.endpoint)
+
+    def _setup_retention(self) -> None:
+        """spec.retention: the base model answers the replay prompts and the probes (or the
+        answers come from the cache beside the checkpoints) before the training model is built;
+        its replay answers join the training data."""
+        retention, d = self.ctx.retention, self.dist
+        if retention is None:
+            return
+        key = retention.key(self.ctx.job, self.tokenizer, self.model_dir, self.adapter_dir, self.precision)
+        retention.prepare(self.checkpoint_store, key, self.tokenizer, self._build_model, self.ds_config, d.rank, d.world_size, d.device)
+        self.replay = retention.replay_samples(self.tokenizer, length_limits(self.spec))
+        self.reporter.replay(retention.info)
+
+    def _setup_data(self) -> None:
+        """The data, tokenized with the model's own template (cached), the replay samples added."""
+        cache = TokenCache(self.checkpoint_store, self.ctx.cache_dir / "tokenized", self.dist.once_per_node)
+        started = time.monotonic()
+        self.data = prepare(self.spec, self.tokenizer, self.ctx.examples, self.ctx.val_examples, self.dist.world_size, cache, self.replay)
+        self.data_seconds = time.monotonic() - started  # tokenizing (or reading the cached tokens), packing, planning
+
+    def _build_model(self):
+        """The model training starts from: the base weights, the method's trainable parameters on top."""
+        from ..model.loader import load_model
+        from ..model.methods import apply_method, quantization_config
+
+        model = load_model(self.model_dir, self.spec, self.precision, quantization_config(self.spec))
+        return apply_method(model, self.spec, self.model_dir, self.adapter_dir)
+
+    def _setup_model(self) -> None:
+        import torch
+
+        from ..model.methods import count_parameters
+
+        torch.manual_seed(self.spec.training.seed)
         # Under ZeRO-3 the model is built already partitioned and load_model streams the
         # weights in one module at a time, so no rank ever holds the whole model.
         self._zero3_loading = zero3_loading(self.ds_config)
-        model = load_model(self.model_dir, self.spec, self.precision, quantization_config(self.spec))
-        self.model = apply_method(model, self.spec, self.model_dir, self._adapter_dir())
+        self.model = self._build_model()
         self.trainable, self.total = count_parameters(self.model)
         log.info("trainable parameters: %s of %s (%.4f%%)", f"{self.trainable:,}", f"{self.total:,}", 100.0 * self.trainable / max(1, self.total))
 
@@ -151,7 +179,7 @@ class FineTuneRecipe:
         self.reporter.start(
             self.manager.loaded, self.state.step, data.total_steps, world_size=self.dist.world_size,
             trainable_params=self.trainable, total_params=self.total, train_samples=len(data.samples),
-            validation_samples=len(data.val_samples), rows=len(data.rows), precision=self.precision,
+            validation_samples=len(data.val_samples), replay_samples=len(data.replay), rows=len(data.rows), precision=self.precision,
             zero_stage=self.spec.distributed.zero.stage, special_text_samples=data.stats.special_text,
             packing_fill=data.packing_fill, tokens_from=data.tokens_from, data_seconds=round(self.data_seconds, 2),
         )  # fmt: skip
@@ -270,10 +298,21 @@ class FineTuneRecipe:
             self.save(final=True)
         if not state.validation_losses or state.validation_losses[-1][0] != state.step:
             self.evaluate()
+        self.probe()
         self.reporter.phase("exporting")
         outputs = save_trained(self.engine, self.engine.module, self.tokenizer, self.ctx.job, self.ctx.layout, self.model_dir)
         self.reporter.done(state.step, self.summary(outputs), outputs)
         return exitcodes.OK
+
+    def probe(self) -> None:
+        """Collective (spec.retention): the tuned model answers the probes the base answered
+        before training; the figures go to every sink."""
+        if self.ctx.retention is None:
+            return
+        d = self.dist
+        synced = self.engine.zero_optimization_partition_weights() and d.world_size > 1
+        self.retention_report = self.ctx.retention.measure(self.engine.module, self.tokenizer, d.rank, d.world_size, synced, d.device)
+        self.reporter.retention(self.retention_report)
 
     def summary(self, outputs: dict) -> dict:
         state, data, spec = self.state, self.data, self.spec
@@ -300,5 +339,6 @@ class FineTuneRecipe:
             "dropped_samples": data.stats.dropped,
             "special_text_samples": data.stats.special_text,
             "packing_fill": data.packing_fill,
+            "replay_samples": len(data.replay),
             "outputs": outputs,
-        }
+        } | ({"retention": self.retention_report} if self.retention_report is not None else {})

@@ -1,6 +1,7 @@
 """The Reporter: one object that owns every place a training run reports to.
 
-    events      JSON lines on stdout (rank 0): start, resume, step, eval, checkpoint, preempted, done
+    events      JSON lines on stdout (rank 0): replay, start, resume, step, eval, checkpoint,
+                retention, preempted, done
     metrics     Prometheus gauges and counters (rank 0, KUBETUNE_METRICS_PORT)
     status      CHECKPOINTS/progress.json (what the operator and `kubetune status` read),
                 OUTPUT/metrics.jsonl and OUTPUT/summary.json
@@ -21,6 +22,7 @@ from typing import Any, Optional, Sequence
 from ..checkpoint import RetryPolicy, with_retry
 from ..layout import JobLayout
 from ..progress import Progress
+from ..retention.measure import describe
 from ..spec import FineTuneJob
 from ..storage import open_store
 from .events import emit
@@ -140,6 +142,21 @@ class Reporter:
         self.phase("saving" if final else "training", last_checkpoint=committed, last_checkpoint_time=committed_time,
                    last_checkpoint_uri=committed and str(self.layout.checkpoints.join(committed)))  # fmt: skip
 
+    def replay(self, info: dict) -> None:
+        """spec.retention's base-model answers are ready (generated now, or read from the cache)."""
+        if self.main:
+            self.metrics.replay_samples.labels(self.metrics.job).set(info["samples"])
+            emit("replay", **info)
+
+    def retention(self, report: dict) -> None:
+        """spec.retention's probe figures after training (retention.measure's report)."""
+        if self.main:
+            (log.warning if report["below_threshold"] else log.info)("retention: %s", describe(report))
+            self.metrics.observe_retention(report)
+            emit("retention", **report)
+        figures = {k: report[k] for k in ("probes", "base_right", "kept", "kept_ratio", "warn_below", "below_threshold")}
+        self.status.update(retention=figures | {"lost": [entry["question"] for entry in report["lost"]]})
+
     def preempted(self, step: int) -> None:
         if self.main:
             emit("preempted", step=step)
@@ -150,7 +167,7 @@ class Reporter:
             self.status.summary(summary)
         self.phase("done", outputs=outputs)
         if self.main:
-            emit("done", step=step, outputs=outputs, summary={k: v for k, v in summary.items() if k not in ("losses", "validation_losses")})
+            emit("done", step=step, outputs=outputs, summary={k: v for k, v in summary.items() if k not in ("losses", "validation_losses", "retention")})
 
     def close(self, failed: bool = False) -> None:
         """The run ends (failed: it raised; a preemption is not a failure)."""
