@@ -137,11 +137,7 @@ def report_env(job: FineTuneJob) -> list[dict]:
 
 def pvc_claims(job: FineTuneJob) -> list[str]:
     """PersistentVolumeClaims named by pvc:// locations, mounted at /mnt/pvc/CLAIM."""
-    spec = job.spec
-    values = [spec.model.uri, spec.dataset.uri, spec.checkpoint.uri, spec.output.uri, spec.method.adapter_uri,
-              spec.dataset.validation.uri if spec.dataset.validation else None]  # fmt: skip
-    claims = {parse_uri(v, "/").bucket for v in values if v and v.startswith("pvc://")}
-    return sorted(claims)
+    return sorted({parse_uri(uri, "/").bucket for _, uri in job.spec.locations() if uri.startswith("pvc://")})
 
 
 def volumes(job: FineTuneJob, shm: bool) -> tuple[list[dict], list[dict]]:

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Optional
 
 from kubetune import exitcodes
-from kubetune.crd import Condition, FineTuneJobStatus, OutputsStatus, ProgressStatus
+from kubetune.crd import LOST_SHOWN, Condition, FineTuneJobStatus, OutputsStatus, ProgressStatus, RetentionStatus
 from kubetune.layout import JobLayout
 from kubetune.naming import worker_pod_name
 from kubetune.progress import Progress
@@ -144,6 +144,25 @@ def merged_outputs(current: Optional[OutputsStatus], adapter: Optional[str], mer
     return (current or OutputsStatus()).model_copy(update=update)
 
 
+def retention_status(figures: dict) -> RetentionStatus:
+    """status.retention from the probe figures the trainer wrote into progress.json."""
+    return RetentionStatus(probes=figures["probes"], base_right=figures["base_right"], kept=figures["kept"], kept_ratio=figures["kept_ratio"],
+                           warn_below=figures["warn_below"], lost=list(figures["lost"][:LOST_SHOWN]))  # fmt: skip
+
+
+def retention_event(retention: RetentionStatus, lost: int) -> Event:
+    """The one Event about the probe figures: KnowledgeLost (Warning) below
+    spec.retention.probes.warnBelow, else KnowledgeKept. `lost`: how many were lost in all."""
+    if not retention.base_right:
+        return Event("Normal", "KnowledgeKept", f"the base model answered none of the {retention.probes} probes right: nothing to keep")
+    kept = (f"{retention.kept} of {retention.base_right} probes the base model answered right are still right "
+            f"({100 * retention.kept_ratio:.0f}%)")  # fmt: skip
+    if retention.kept_ratio >= retention.warn_below:
+        return Event("Normal", "KnowledgeKept", kept)
+    named = "; ".join(retention.lost) + (f" (and {lost - len(retention.lost)} more)" if lost > len(retention.lost) else "")
+    return Event("Warning", "KnowledgeLost", f"{kept}, below spec.retention.probes.warnBelow {100 * retention.warn_below:.0f}%; lost: {named}")
+
+
 class _Machine:
     """One reconciliation step; collects status changes, actions and events."""
 
@@ -230,6 +249,11 @@ class _Machine:
             self.status.last_checkpoint = p.last_checkpoint_uri or p.last_checkpoint
         if p.outputs.get("adapter") or p.outputs.get("model"):
             self.status.outputs = merged_outputs(self.status.outputs, p.outputs.get("adapter"), p.outputs.get("model"))
+        if p.retention is not None:
+            retention = retention_status(p.retention)
+            if self.status.retention is None:  # measured once, at the end of training: said once
+                self.events.append(retention_event(retention, len(p.retention["lost"])))
+            self.status.retention = retention
 
     def _invalid(self) -> None:
         message = "; ".join(self.observed.problems)

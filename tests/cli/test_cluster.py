@@ -27,6 +27,7 @@ JOB = {
         "loss": 1.23456,
         "restarts": 1,
         "lastCheckpoint": "step-000000040",
+        "retention": {"probes": 94, "baseRight": 36, "kept": 35, "keptRatio": 0.9722, "warnBelow": 0.9, "lost": ["What is 7 times 8?"]},
         "conditions": [{"type": "Training", "status": "True", "reason": "Running", "message": "step 40 of 160", "lastTransitionTime": "2026-01-01T10:01:00Z"}],
     },
 }
@@ -78,6 +79,7 @@ def test_list_status_logs(kubeconfig, kube_namespace, capsys, monkeypatch):
     out = capsys.readouterr().out
     # (the table's title wraps at the table's width: the namespace is long)
     assert "FineTuneJob" in out and f"{kube_namespace}/qa-bot" in out
+    assert "35 of 36 probes the base model answered right are still right (97%); lost: What is 7 times 8?" in out
     assert "step-000000040" in out and "step 40 of 160" in out and "300 s" in out
 
     assert main(["logs", "qa-bot", "--kubeconfig", kubeconfig]) == 0

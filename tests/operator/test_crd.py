@@ -79,7 +79,7 @@ def test_crd_names_columns_and_status_subresource():
     assert doc["spec"]["names"]["shortNames"] == ["ftj"]
     version = doc["spec"]["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Method", "Progress", "Loss", "Restarts", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Method", "Progress", "Loss", "Restarts", "Kept", "Age"]
 
 
 @pytest.mark.parametrize("doc", list(job_documents()))

@@ -12,7 +12,9 @@ import threading
 import time
 
 import pytest
+import yaml
 
+from kubetune.progress import Progress
 from operator_harness import EXAMPLE, EXAMPLE_CREDENTIALS as CREDENTIALS, OperatorProcess, start_example, wait_for
 
 JOB = "qa-bot"
@@ -302,3 +304,43 @@ def conflicts(operator: OperatorProcess) -> float:
         if line.startswith("kubetune_operator_status_conflicts_total "):
             return float(line.split()[1])
     return 0.0
+
+
+def test_probe_figures_reach_the_status_and_one_warning_event(operator, ns, kubectl, seaweed, s3_env, tmp_path):
+    """spec.retention: the trainer writes its probe figures into progress.json (here the test
+    writes them, as it writes the pods' status for the kubelet); the operator reads them from
+    S3 with the job's credentials, puts them into status.retention and says once, with a
+    Warning, that the tuned model kept less than spec.retention.probes.warnBelow."""
+    from kubetune.storage import open_store
+
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["metadata"]["name"] = "kept"
+    doc["spec"]["storage"]["endpoint"] = seaweed.endpoint
+    doc["spec"]["checkpoint"]["uri"] = "s3://checkpoints/kept"
+    doc["spec"]["retention"] = {"probes": {"warnBelow": 0.95}}
+    (tmp_path / "kept.yaml").write_text(yaml.safe_dump(doc))
+    ns.create_secret("s3-credentials", {k: v for k, v in seaweed.env.items() if k.startswith("AWS_") and "KEY" in k})
+    kubectl.apply(tmp_path / "kept.yaml")
+    wait_for(lambda: len(ns.workers("kept")) == 2, what="two workers")
+    ns.run_workers("kept")
+    wait_for(phase_is(ns, "Running", "kept"))
+    lost = ["What is the capital of Italy?", "中国的首都是哪里？"]
+    figures = {"probes": 94, "base_right": 36, "kept": 34, "kept_ratio": 0.9444, "warn_below": 0.95, "below_threshold": True, "lost": lost}
+    progress = Progress(phase="exporting", step=40, total_steps=40, retention=figures)
+    open_store("s3://checkpoints/kept").put_bytes("progress.json", progress.to_json())
+
+    st = wait_for(lambda: ns.status("kept").get("retention") and ns.status("kept"), what="status.retention")
+    assert st["retention"] == {"probes": 94, "baseRight": 36, "kept": 34, "keptRatio": 0.9444, "warnBelow": 0.95, "lost": lost}
+    header, row = kubectl("get", "ftj", "kept", "-o", "wide").stdout.splitlines()
+    assert row[header.index("KEPT") :].split()[0] == "0.9444"  # the Kept column (-o wide)
+    wait_for(lambda: "KnowledgeLost" in ns.event_reasons("kept"), what="the KnowledgeLost Event")
+    (event,) = [e for e in ns.events("kept") if e["reason"].startswith("Knowledge")]
+    assert event["type"] == "Warning"
+    assert event["message"] == ("34 of 36 probes the base model answered right are still right (94%), below spec.retention.probes.warnBelow 95%; "
+                                "lost: What is the capital of Italy?; 中国的首都是哪里？")  # fmt: skip
+    for name in ("kept-worker-0", "kept-worker-1"):  # training ends; later runs read the same figures
+        ns.set_pod_status(name, "Succeeded", exit_code=0)
+    wait_for(phase_is(ns, "Merging", "kept"))
+    time.sleep(1.5)  # several reconcile cycles
+    assert [e["reason"] for e in ns.events("kept") if e["reason"].startswith("Knowledge")] == ["KnowledgeLost"]
+    assert ns.status("kept")["retention"]["kept"] == 34

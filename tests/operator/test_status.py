@@ -194,3 +194,47 @@ def test_problems_on_a_started_job_are_reported_but_training_goes_on():
     # Without a usable job (the live spec does not parse and no started copy) nothing is touched.
     d = decide(None, Observed(problems=["spec.distributed.nodes: must be >= 1"]), None, FineTuneJobStatus.model_validate(previous), NOW, generation=3)
     assert d.actions == [] and d.status.phase == "Running" and d.status.observed_generation == 3
+
+
+def figures(kept: int, base_right: int = 30, warn_below: float = 0.9, lost: int | None = None) -> dict:
+    """spec.retention's probe figures as the trainer writes them into progress.json."""
+    lost = base_right - kept if lost is None else lost
+    ratio = round(kept / base_right, 4) if base_right else None
+    return {"probes": 94, "base_right": base_right, "kept": kept, "kept_ratio": ratio, "warn_below": warn_below,
+            "below_threshold": ratio is not None and ratio < warn_below, "lost": [f"Q{i}?" for i in range(lost)]}  # fmt: skip
+
+
+# (probe figures in progress.json, expected status.retention, expected (type, reason, message) of the one Event)
+RETENTION_TABLE = [
+    pytest.param(figures(26, lost=4), {"probes": 94, "baseRight": 30, "kept": 26, "keptRatio": 0.8667, "warnBelow": 0.9, "lost": ["Q0?", "Q1?", "Q2?", "Q3?"]},
+                 ("Warning", "KnowledgeLost", "26 of 30 probes the base model answered right are still right (87%), below spec.retention.probes.warnBelow 90%; lost: Q0?; Q1?; Q2?; Q3?"),
+                 id="below the threshold: one Warning naming what was lost"),
+    pytest.param(figures(27), {"probes": 94, "baseRight": 30, "kept": 27, "keptRatio": 0.9, "warnBelow": 0.9, "lost": ["Q0?", "Q1?", "Q2?"]},
+                 ("Normal", "KnowledgeKept", "27 of 30 probes the base model answered right are still right (90%)"), id="at the threshold: Normal"),
+    pytest.param(figures(10), {"probes": 94, "baseRight": 30, "kept": 10, "keptRatio": 0.3333, "warnBelow": 0.9, "lost": [f"Q{i}?" for i in range(10)]},
+                 ("Warning", "KnowledgeLost", "10 of 30 probes the base model answered right are still right (33%), below spec.retention.probes.warnBelow 90%; lost: "
+                  + "; ".join(f"Q{i}?" for i in range(10)) + " (and 10 more)"), id="many lost: the first ten named"),
+    pytest.param(figures(0, base_right=0), {"probes": 94, "baseRight": 0, "kept": 0, "warnBelow": 0.9, "lost": []},
+                 ("Normal", "KnowledgeKept", "the base model answered none of the 94 probes right: nothing to keep"), id="nothing to keep"),
+    pytest.param(figures(20, warn_below=0.5), {"probes": 94, "baseRight": 30, "kept": 20, "keptRatio": 0.6667, "warnBelow": 0.5, "lost": [f"Q{i}?" for i in range(10)]},
+                 ("Normal", "KnowledgeKept", "20 of 30 probes the base model answered right are still right (67%)"), id="the user's own threshold"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("retention, expected, event", RETENTION_TABLE)
+def test_probe_figures_go_to_status_with_one_event(retention, expected, event):
+    progress = Progress(phase="exporting", step=200, total_steps=200, retention=retention)
+    d = run({"phase": "Running"}, Observed(workers=pods("Running", "Running")), progress)
+    assert d.status.document()["retention"] == expected
+    jsonschema.Draft4Validator(STATUS_SCHEMA).validate(d.status.document())  # what the API server accepts
+    assert [(e.type, e.reason, e.message) for e in d.events if e.reason.startswith("Knowledge")] == [event]
+    # Said once: later runs (progress.json still holds the figures) keep the status and stay quiet.
+    done = Progress(phase="done", step=200, total_steps=200, retention=retention)
+    again = run(d.status, Observed(workers=pods("Succeeded", "Succeeded")), done)
+    assert again.status.document()["retention"] == expected and again.status.phase == "Merging"
+    assert not [e for e in again.events if e.reason.startswith("Knowledge")]
+
+
+def test_no_probe_figures_no_retention_status():
+    d = run({"phase": "Running"}, Observed(workers=pods("Running", "Running")), Progress(phase="training", step=5, total_steps=200))
+    assert "retention" not in d.status.document() and not [e for e in d.events if e.reason.startswith("Knowledge")]

@@ -23,6 +23,7 @@ from .spec import API_GROUP, API_VERSION, KIND, PLURAL, SHORT_NAME, FineTuneJobS
 
 CRD_NAME = f"{PLURAL}.{API_GROUP}"
 CRD_FILENAME = f"{CRD_NAME}.yaml"
+LOST_SHOWN = 10  # lost probe questions kept in status.retention.lost
 
 
 # ---------------------------------------------------------------------------------------
@@ -55,6 +56,15 @@ class OutputsStatus(StatusModel):
     merged_uri: Optional[str] = Field(None, description="Where the merged (or fully trained) model was written.")
 
 
+class RetentionStatus(StatusModel):
+    probes: int = Field(0, description="Held-out probe questions the base model and the tuned model both answered (spec.retention.probes).")
+    base_right: int = Field(0, description="Probes the base model answered right (its answer contained an expected phrase).")
+    kept: int = Field(0, description="Of those, probes the tuned model still answers right.")
+    kept_ratio: Optional[float] = Field(None, description="kept / baseRight, the share of general knowledge kept (absent when the base model answered none right).")
+    warn_below: float = Field(0.9, description="spec.retention.probes.warnBelow: below it the operator emits one KnowledgeLost Warning Event.")
+    lost: list[str] = Field(default_factory=list, description=f"Probe questions the base model answered right and the tuned model no longer does (the first {LOST_SHOWN}).")
+
+
 class FineTuneJobStatus(StatusModel):
     phase: Optional[Phase] = Field(None, description="Pending | Running | Restarting | Merging | Serving | Succeeded | Failed | Suspended.")
     conditions: list[Condition] = Field(default_factory=list, description="Detailed state with reasons and messages.")
@@ -72,6 +82,7 @@ class FineTuneJobStatus(StatusModel):
     failure: Optional[str] = Field(None, description="Why the job failed: pod, exit code, last log lines.")
     attempt: int = Field(0, description="Gang generation, incremented on every gang restart; worker pods carry it as label kubetune.io/attempt.")
     last_failed_pod: Optional[str] = Field(None, description="Worker whose failure caused the last gang restart.")
+    retention: Optional[RetentionStatus] = Field(None, description="How much general knowledge training kept (spec.retention), from the trainer's probes.")
 
     def condition(self, type_: str) -> Optional[Condition]:
         return next((c for c in self.conditions if c.type == type_), None)
@@ -183,6 +194,8 @@ PRINTER_COLUMNS = [
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary", "description": "Optimizer steps done/planned."},
     {"name": "Loss", "type": "number", "jsonPath": ".status.loss", "description": "Last training loss."},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "description": "Gang restarts."},
+    {"name": "Kept", "type": "number", "jsonPath": ".status.retention.keptRatio", "priority": 1,
+     "description": "Share of the probes the base model answered right that the tuned model still answers right (spec.retention)."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

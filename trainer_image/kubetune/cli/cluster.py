@@ -58,6 +58,16 @@ def job_row(job: dict[str, Any], now: Optional[datetime] = None) -> dict[str, st
     }
 
 
+def knowledge_kept(retention: Optional[dict]) -> Optional[str]:
+    """status.retention (spec.retention's probe figures) in words; None without one (pure)."""
+    if not retention:
+        return None
+    if not retention.get("baseRight"):
+        return f"the base model answered none of the {retention.get('probes', 0)} probes right"
+    line = f"{retention['kept']} of {retention['baseRight']} probes the base model answered right are still right ({100 * retention['keptRatio']:.0f}%)"
+    return line + (f"; lost: {'; '.join(retention['lost'])}" if retention.get("lost") else "")
+
+
 def cluster_command(args) -> int:
     from kubernetes.client.exceptions import ApiException
 
@@ -110,6 +120,7 @@ def _status(console: Console, custom, namespace: str, name: str) -> int:
     for key, value in (
         ("eta", f"{int(eta)} s" if isinstance(eta, (int, float)) else None),
         ("last checkpoint", status.get("lastCheckpoint")),
+        ("knowledge kept", knowledge_kept(status.get("retention"))),
         ("adapter", outputs.get("adapterUri")),
         ("merged model", outputs.get("mergedUri")),
         ("started", status.get("startTime")),
