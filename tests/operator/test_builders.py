@@ -7,6 +7,7 @@ import yaml
 
 from kubetune import naming
 from kubetune.spec import TRACKER_ENV, parse_job
+from kubetune.storage import pvc_mount_path
 from kubetune_operator import builders
 from kubetune_operator.settings import Settings
 
@@ -186,3 +187,15 @@ def test_tracker_settings_reach_the_workers_only_from_the_report_secret():
         assert "WANDB_API_KEY" not in yaml.safe_dump(manifest)
     doc["spec"]["training"].pop("reportSecret")
     assert "WANDB_API_KEY" not in yaml.safe_dump(builders.build_worker_pod(parse_job(doc), 0, SETTINGS))
+
+
+def test_retention_files_on_volumes_are_mounted_in_the_workers():
+    doc = yaml.safe_load((EXAMPLES / "lora-multinode.yaml").read_text())
+    doc["metadata"].update(namespace="default", uid="0b6a2c1e-5d1f-4c1a-9e1b-1234567890ab")
+    doc["spec"]["retention"] = {"replay": {"uri": "pvc://prompts/replay.jsonl"}, "probes": {"uri": "pvc://team-data/probes.jsonl"}}
+    pod = builders.build_worker_pod(parse_job(doc), 0, SETTINGS)
+    k8s_validate(pod)
+    claims = {v["persistentVolumeClaim"]["claimName"]: v["name"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    assert set(claims) == {"prompts", "team-data"}
+    mounts = {m["name"]: m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert {mounts[claims[c]] for c in claims} == {pvc_mount_path("prompts"), pvc_mount_path("team-data")}
