@@ -45,10 +45,19 @@ def test_nothing_to_keep_is_not_a_failure():
     assert describe(report) == "the base model answered none of the 1 probes right: nothing to keep"
 
 
-def test_a_right_answer_contains_a_reference_phrase():
+def test_a_right_answer_contains_a_reference_phrase_as_whole_words():
     assert is_correct("It is PARIS, of course", ["Paris"]) is True
     assert is_correct("Lyon", ["Paris"]) is False
     assert is_correct("anything", []) is None
+    # Whole words: a digit inside a number, a name inside a longer word are not the phrase.
+    assert is_correct("A bicycle has a circumference of 240 inches.", ["two", "2"]) is False
+    assert is_correct("A bicycle has 2 wheels.", ["two", "2"]) is True
+    assert is_correct("Romeo and Juliet", ["Rome"]) is False
+    assert is_correct("It is 100°C (212°F).", ["100"]) is True
+    assert is_correct("Carbon dioxide (CO2).", ["CO2"]) is True
+    # No spaces in Chinese: a CJK phrase is found inside the sentence.
+    assert is_correct("中国的首都是北京。", ["北京"]) is True
+    assert is_correct("The answer is 北京", ["北京"]) is True
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5])

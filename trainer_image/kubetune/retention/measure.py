@@ -22,18 +22,31 @@ into words with jieba), so a style drift is visible even where the facts held.
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 from .sets import Probe
 
 
+def phrase_pattern(phrase: str) -> re.Pattern:
+    """The phrase as whole words, case-insensitive: where it starts or ends with a Latin letter
+    or digit, the answer must not continue it with one ("2" is not found in "240", "Rome" not
+    in "Romeo"), except for a plural ending after a letter ("herbivore" in "herbivores").
+    Chinese and Japanese text has no spaces, so a CJK edge needs no boundary."""
+    phrase, edge = phrase.strip(), "[0-9a-z]"
+    left = f"(?<!{edge})" if re.match(edge, phrase[:1], re.IGNORECASE) else ""
+    right = ""
+    if re.match(edge, phrase[-1:], re.IGNORECASE):
+        right = f"(?:e?s)?(?!{edge})" if phrase[-1].isalpha() else f"(?!{edge})"
+    return re.compile(left + re.escape(phrase) + right, re.IGNORECASE)
+
+
 def is_correct(answer: str, expect: list[str] | tuple[str, ...]) -> Optional[bool]:
-    """An answer is right when it contains one of the expected phrases (case-insensitive);
-    None when there is nothing to check against."""
+    """An answer is right when it contains one of the expected phrases as whole words
+    (case-insensitive, `phrase_pattern`); None when there is nothing to check against."""
     if not expect:
         return None
-    folded = answer.casefold()
-    return any(e.casefold() in folded for e in expect)
+    return any(phrase_pattern(e).search(answer) for e in expect)
 
 
 def retention_report(probes: list[Probe], base_answers: list[str], tuned_answers: list[str], warn_below: float) -> dict:
