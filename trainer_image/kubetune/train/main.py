@@ -35,8 +35,8 @@ def invalid_input_errors() -> tuple[type[Exception], ...]:
     from ..data.tokenize import TemplateError
     from ..layout import LayoutError
     from ..model.methods import MethodError
+    from ..model_source import ModelSourceError
     from ..uri import UriError
-    from .recipe import ModelSourceError
     from .tracking import TrackerError
 
     return (SpecError, DataError, TemplateError, LayoutError, MethodError, ModelSourceError, UriError, CheckpointMismatch, TrackerError)
