@@ -18,10 +18,10 @@ import pytest
 import torch
 from serve_helpers import chat_ids, openai_client, reference_ids
 
+from kubetune.net import free_port
 from kubetune.serve.engine import Engine
 from kubetune.serve.loader import load_model
 from kubetune.serve.sampling import SamplingParams
-from kubetune.testing import free_port
 
 
 def _adapter(tiny_model_dir, dest, config):

@@ -62,7 +62,7 @@ def init_distributed() -> Dist:
     import torch
 
     if "RANK" not in os.environ:
-        from ..testing import free_port
+        from ..net import free_port
 
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
