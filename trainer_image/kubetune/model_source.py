@@ -170,31 +170,40 @@ def convert_gguf(folder: Path, gguf_file: str, cache_dir: Path) -> Path:
         return entry
 
 
-@contextlib.contextmanager
-def _one_gguf_parse() -> Iterator[None]:
-    """Share one GGUFReader per file while converting. transformers parses the file three
-    times (config, weights, tokenizer), and parsing the metadata (the vocabulary as ~100k
-    small arrays) costs more than dequantizing a small model. The reader is read-only."""
-    import gguf
+class SharedGGUFReaders:
+    """One parse of each GGUF file for one conversion. transformers parses the file three times
+    (config, weights, tokenizer), each time by calling `gguf.GGUFReader`, and parsing the
+    metadata (the vocabulary as ~100k small arrays) costs more than dequantizing a small model.
 
-    original = gguf.GGUFReader
-    readers: dict[tuple[str, str], object] = {}
+    transformers takes no reader from its caller, so `installed()` puts `self.reader` where it
+    looks (gguf.GGUFReader) for the length of a `with` block and the original back after. The
+    readers are read-only and belong to this object; each conversion makes its own."""
 
-    def shared(path, mode="r"):
+    def __init__(self):
+        import gguf
+
+        self.parse = gguf.GGUFReader
+        self.readers: dict[tuple[str, str], object] = {}
+
+    def reader(self, path, mode="r"):
         key = (os.fspath(path), mode)
-        if key not in readers:
-            readers[key] = original(path, mode)
-        return readers[key]
+        if key not in self.readers:
+            self.readers[key] = self.parse(path, mode)
+        return self.readers[key]
 
-    gguf.GGUFReader = shared
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = original
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["SharedGGUFReaders"]:
+        import gguf
+
+        gguf.GGUFReader = self.reader
+        try:
+            yield self
+        finally:
+            gguf.GGUFReader = self.parse
 
 
 def _dequantize(folder: Path, gguf_file: str, out: Path) -> None:
-    with _one_gguf_parse():
+    with SharedGGUFReaders().installed():
         _dequantize_with(folder, gguf_file, out)
 
 
