@@ -4,6 +4,8 @@ deferred import inside a function counts as much as one at the top."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,30 @@ def test_no_import_cycles():
         if module not in index:
             visit(module)
     assert not cycles, f"modules that import each other: {cycles}"
+
+
+def test_the_operator_never_imports_the_trainer():
+    """The operator image (kopf, no torch) shares the contracts (spec, storage, planner, ...);
+    nothing it reaches, deferred imports included, is the trainer's, the server's or the CLI's."""
+    reached: set[str] = set()
+    todo = [module for module in MODULES if module.startswith("kubetune_operator")]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(imported_modules(module))
+    assert "kubetune.planner" in reached and "kubetune.zero_sizes" in reached
+    trainer_side = ("kubetune.train", "kubetune.serve", "kubetune.cli", "kubetune.data", "kubetune.model", "kubetune.testing")
+    assert sorted(m for m in reached if m.startswith(trainer_side)) == []
+
+
+def test_importing_the_operator_imports_no_torch():
+    code = (
+        "import importlib, pkgutil, sys, kubetune_operator\n"
+        "for info in pkgutil.iter_modules(kubetune_operator.__path__):\n"
+        "    importlib.import_module('kubetune_operator.' + info.name)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'kubetune.train') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
