@@ -17,8 +17,8 @@ import yaml
 
 from kubetune.cli import main as cli_main
 from kubetune.layout import job_layout
+from kubetune.net import free_port
 from kubetune.spec import load_job
-from kubetune.testing import free_port
 from kubetune.validation import check_job, job_warnings
 
 WARNING = (

@@ -24,7 +24,7 @@ from ..data.cache import TokenCache
 from ..data.loader import Example
 from ..data.pipeline import Epoch, prepare
 from ..layout import JobLayout
-from ..model_source import materialize_model, verify_export
+from ..model_source import ModelSourceError, check_model_source, materialize_model
 from ..spec import FineTuneJob
 from ..storage import fetch, open_store
 from .deepspeed_config import build_deepspeed_config
@@ -33,10 +33,6 @@ from .loss import LossWindow, TokenWeighting, forward_backward
 from .reporter import Reporter
 
 log = logging.getLogger("kubetune.train")
-
-
-class ModelSourceError(ValueError):
-    """spec.model.uri or method.adapterUri does not point at a usable model/adapter."""
 
 
 @dataclass
@@ -128,7 +124,7 @@ class FineTuneRecipe:
             return None
         try:
             adapter_dir = fetch(uri, self.ctx.work / "adapter", self.ctx.base_dir, self.spec.storage.endpoint)
-            verify_export(adapter_dir, f"method.adapterUri {uri}")
+            check_model_source(adapter_dir, f"method.adapterUri {uri}")
         except (FileNotFoundError, ValueError) as err:
             raise ModelSourceError(f"method.adapterUri: {err}") from None
         return adapter_dir

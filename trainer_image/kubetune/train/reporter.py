@@ -23,7 +23,7 @@ from ..layout import JobLayout
 from ..progress import Progress
 from ..spec import FineTuneJob
 from ..storage import open_store
-from .events import emit
+from .events import EventStream
 from .metrics import TrainMetrics
 
 log = logging.getLogger("kubetune.train")
@@ -83,8 +83,9 @@ class StatusWriter:
 
 
 class Reporter:
-    def __init__(self, job: FineTuneJob, layout: JobLayout, world_size: int, main: bool, trackers: Sequence[Any] = ()):
+    def __init__(self, job: FineTuneJob, layout: JobLayout, world_size: int, main: bool, events: EventStream, trackers: Sequence[Any] = ()):
         self.main = main
+        self.events = events
         self.layout = layout
         self.status = StatusWriter(job, layout, world_size, enabled=main)
         self.metrics = TrainMetrics(job.metadata.name)
@@ -105,9 +106,9 @@ class Reporter:
                 self.metrics.serve()
             except OSError as err:  # a busy port must not stop training
                 log.warning("Prometheus metrics not served: %s", err)
-            emit("start", total_steps=total_steps, **fields)
+            self.events.emit("start", total_steps=total_steps, **fields)
             if resumed_from is not None:
-                emit("resume", **{"from": resumed_from, "step": step})
+                self.events.emit("resume", **{"from": resumed_from, "step": step})
         self.phase("training", step=step, total_steps=total_steps)
 
     def step(self, record: dict, tokens: int) -> None:
@@ -115,7 +116,7 @@ class Reporter:
         tokens_per_second and eta_seconds; tokens = non-padding tokens since the last one."""
         if self.main:  # metrics first: whoever sees the event can scrape its values
             self.metrics.observe_step(record, tokens)
-            emit("step", **record)
+            self.events.emit("step", **record)
             self.status.add_metrics("step", record)
             for tracker in self.trackers:
                 tracker.step(record)
@@ -126,7 +127,7 @@ class Reporter:
         """Validation results: step, validation_loss, and generation metrics when asked for."""
         if self.main:
             self.metrics.observe_eval(record["validation_loss"])
-            emit("eval", **record)
+            self.events.emit("eval", **record)
             self.status.add_metrics("eval", record)
             for tracker in self.trackers:
                 tracker.evaluation(record)
@@ -135,14 +136,14 @@ class Reporter:
         """A checkpoint was saved (committed: the newest checkpoint a resume would use)."""
         if self.main:
             self.metrics.observe_checkpoint(seconds, time.time())
-            emit("checkpoint", step=step, name=name, seconds=round(seconds, 3), committed=committed)
+            self.events.emit("checkpoint", step=step, name=name, seconds=round(seconds, 3), committed=committed)
             self.status.flush_metrics()
         self.phase("saving" if final else "training", last_checkpoint=committed, last_checkpoint_time=committed_time,
                    last_checkpoint_uri=committed and str(self.layout.checkpoints.join(committed)))  # fmt: skip
 
     def preempted(self, step: int) -> None:
         if self.main:
-            emit("preempted", step=step)
+            self.events.emit("preempted", step=step)
 
     def done(self, step: int, summary: dict, outputs: dict) -> None:
         if self.main:
@@ -150,7 +151,7 @@ class Reporter:
             self.status.summary(summary)
         self.phase("done", outputs=outputs)
         if self.main:
-            emit("done", step=step, outputs=outputs, summary={k: v for k, v in summary.items() if k not in ("losses", "validation_losses")})
+            self.events.emit("done", step=step, outputs=outputs, summary={k: v for k, v in summary.items() if k not in ("losses", "validation_losses")})
 
     def close(self, failed: bool = False) -> None:
         """The run ends (failed: it raised; a preemption is not a failure)."""
