@@ -106,7 +106,7 @@ def main() -> None:
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        from kubetune.testing import free_port
+        from kubetune.net import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
 

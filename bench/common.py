@@ -251,7 +251,7 @@ def trainer_command(job: Path, nproc: int, extra: Iterable[str] = (), master_por
     program = [str(RANK_PEAK), "kubetune.train.main", "--job", str(job), *extra]
     if nproc == 1:
         return [sys.executable, *program]
-    from kubetune.testing import free_port
+    from kubetune.net import free_port
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(master_port or free_port())]
     return [*torchrun, *program]

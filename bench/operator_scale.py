@@ -268,7 +268,7 @@ def summarize(phase: dict, n: int) -> dict:
 
 def run(workdir: Path, quick: bool = False, jobs: Optional[int] = None) -> dict:
     from kube_harness import KubeApi, apply_crd
-    from kubetune.testing import SeaweedS3
+    from kubetune.embedded_s3 import SeaweedS3
     from localcluster import ControlPlane
 
     n = jobs or (5 if quick else JOBS)

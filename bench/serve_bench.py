@@ -139,8 +139,8 @@ def run(
     """Measure tokens/s and latency p50/p99 of the server at each client count and of the baseline."""
     import torch
 
+    from kubetune.net import free_port
     from kubetune.serve.loader import load_model
-    from kubetune.testing import free_port
 
     max_tokens = max_tokens or (16 if quick else 64)
     threads = threads or 1

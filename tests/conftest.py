@@ -46,7 +46,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
     """A real SeaweedFS S3 server on 127.0.0.1 (buckets: models, data, checkpoints, outputs)."""
-    from kubetune.testing import SeaweedS3
+    from kubetune.embedded_s3 import SeaweedS3
 
     server = SeaweedS3(tmp_path_factory.mktemp("seaweed"), buckets=("models", "data", "checkpoints", "outputs"))
     server.start()

@@ -12,7 +12,8 @@ import uuid
 import pytest
 import torch
 
-from kubetune.export import EXPORT_MANIFEST, IncompleteExport, _check_not_empty, check_export, copy_non_weight_files, merge_adapter, publish_dir, run_merge, save_trained
+from kubetune.export import _check_not_empty, copy_non_weight_files, merge_adapter, run_merge, save_trained
+from kubetune.export_format import EXPORT_MANIFEST, IncompleteExport, check_export, publish_dir
 from kubetune.layout import job_layout
 from kubetune.spec import parse_job
 from kubetune.storage import fetch, open_store, sha256_file
@@ -157,7 +158,7 @@ def test_prompt_learning_adapters_export_gathered_under_zero3(make_engine, train
 DIE_PUBLISHING = """
 import os, signal, sys
 from kubetune import storage
-from kubetune.export import publish_dir
+from kubetune.export_format import publish_dir
 from kubetune.uri import parse_uri
 
 def put_then_die(self, local, key, _put=storage.S3Store.put_file):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from kubetune.checkpoint import CheckpointManager, NoUsableCheckpoint, RetryPolicy
+from kubetune.embedded_s3 import SeaweedS3
 from kubetune.storage import StorageError, open_store, sha256_file
-from kubetune.testing import SeaweedS3
 
 FAST_RETRY = RetryPolicy(attempts=2, first_delay=0.1)
 

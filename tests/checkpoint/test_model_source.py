@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kubetune import storage
-from kubetune.model_source import COMPLETE_MARKER, materialize_model
+from kubetune.model_source import COMPLETE_MARKER, SharedGGUFReaders, materialize_model
 from kubetune.spec import ModelSpec
 from kubetune.storage import open_store
 from kubetune.uri import UriError
@@ -80,6 +80,34 @@ def test_s3_models_download_once_into_the_cache(tiny_model_dir, s3_env, tmp_path
     (path / "config.json").write_text("{half")
     again = materialize_model(spec(uri), cache)
     assert again == path and not filecmp.dircmp(again, tiny_model_dir).diff_files
+
+
+def test_gguf_readers_are_shared_within_one_conversion_only(tmp_path):
+    """While a conversion runs, every gguf.GGUFReader(path) of one file is the same parsed
+    reader; before and after (also after a failure) gguf.GGUFReader is gguf's own again."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("test.value", 7)
+    writer.add_tensor("weight", np.arange(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original = gguf.GGUFReader
+
+    with SharedGGUFReaders().installed() as shared:
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first and isinstance(first, original)
+        assert [t.name for t in first.tensors] == ["weight"] and list(shared.readers) == [(str(path), "r")]
+    assert gguf.GGUFReader is original
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        with SharedGGUFReaders().installed() as other:
+            assert gguf.GGUFReader(path) is not first  # another conversion parses afresh
+            raise RuntimeError("conversion failed")
+    assert gguf.GGUFReader is original and len(other.readers) == 1
 
 
 @pytest.mark.slow

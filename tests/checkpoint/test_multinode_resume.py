@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.testing import free_port
+from kubetune.net import free_port
 
 DS_TRAIN = Path(__file__).resolve().parent / "ds_train.py"
 

@@ -28,8 +28,8 @@ import pytest
 import yaml
 
 from kubetune import exitcodes
+from kubetune.net import free_port
 from kubetune.storage import S3Store
-from kubetune.testing import free_port
 from kubetune.uri import parse_uri
 
 HERE = Path(__file__).resolve().parent

@@ -162,8 +162,8 @@ def test_embedded_s3_run_keeps_outputs_in_its_own_server(tmp_path, tiny_model_di
     import re
     import socket
 
+    from kubetune.embedded_s3 import SeaweedS3
     from kubetune.storage import open_store
-    from kubetune.testing import SeaweedS3
 
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}?", "response": f"a{i}."}) + "\n" for i in range(8)))
     job = {

@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from kubetune import exitcodes
+from kubetune.embedded_s3 import SeaweedS3
 from kubetune.progress import parse_progress
 from kubetune.storage import open_store
-from kubetune.testing import SeaweedS3
 from operator_harness import EXAMPLE, wait_for
 
 pytestmark = pytest.mark.slow

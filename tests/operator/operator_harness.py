@@ -31,8 +31,8 @@ import yaml
 
 from kube_harness import ApiError, KubeApi, Kubectl, write_service_account_files
 from kube_harness import wait_for as _wait_for
+from kubetune.net import free_port
 from kubetune.spec import API_GROUP, API_VERSION, PLURAL
-from kubetune.testing import free_port
 from localcluster import ControlPlane
 
 REPO = Path(__file__).resolve().parents[2]

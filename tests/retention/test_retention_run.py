@@ -18,7 +18,7 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kubetune import exitcodes
-from kubetune.testing import free_port
+from kubetune.net import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -100,10 +100,11 @@ def test_replay_is_reused_after_preemption_and_the_figures_are_reported(tmp_path
 def test_the_reporter_sends_the_figures_to_metrics_events_and_progress(tmp_path, tiny_model_dir, capsys):
     from kubetune.layout import job_layout
     from kubetune.spec import load_job
+    from kubetune.train.events import EventStream
     from kubetune.train.reporter import Reporter
 
     job = load_job(write_job(tmp_path, tiny_model_dir, "qa"))
-    reporter = Reporter(job, job_layout(job, tmp_path), world_size=1, main=True)
+    reporter = Reporter(job, job_layout(job, tmp_path), world_size=1, main=True, events=EventStream(sys.stdout))
     reporter.replay({"replay_prompts": 15, "replay_finished": 14, "probes": 94, "cached": False, "seconds": 3.5, "cache": "c", "samples": 15})
     lost = [{"question": "What is 7 times 8?", "expect": ["56"], "base": "56.", "tuned": "54."}]
     report = {"probes": 94, "base_right": 15, "kept": 14, "kept_ratio": 0.9333, "warn_below": 0.95, "below_threshold": True,

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from kube_harness import Kubectl, create_namespace, namespace_name
+from kubetune.embedded_s3 import SeaweedS3
 from kubetune.progress import Progress
-from kubetune.testing import SeaweedS3
 from operator_harness import EXAMPLE, AuditLog, Namespace, running_operator, wait_for
 from test_pod_hardening import assert_hardened, pod_specs
 

@@ -4,22 +4,24 @@ job's defaults and a bearer token."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from serve_helpers import chat_ids, openai_client, reference_ids
 
+from kubetune.net import free_port
 from kubetune.serve.engine import Engine
 from kubetune.serve.loader import load_model
 from kubetune.serve.sampling import SamplingParams
-from kubetune.testing import free_port
 
 
 def _adapter(tiny_model_dir, dest, config):
@@ -77,6 +79,40 @@ def test_prompt_tuning_adapter_is_served_one_request_at_a_time(tiny_model_dir, t
     finally:
         engine.stop()
     assert out == reference_ids(peft_model, ids, 12, engine.eos_ids)
+
+
+def test_every_file_of_a_served_export_is_hashed_once_per_load(tiny_model_dir, tmp_path, monkeypatch):
+    """A merged model is checked against its export manifest once at start (not again by the
+    model cache); an exported adapter on an exported base: each of their files once too."""
+    from peft import LoraConfig
+
+    from kubetune import export_format
+    from kubetune.uri import parse_uri
+
+    merged, adapter = tmp_path / "merged", tmp_path / "adapter"
+    export_format.publish_dir(tiny_model_dir, parse_uri(str(merged)))
+    _adapter(tiny_model_dir, tmp_path / "adapter-files", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    export_format.publish_dir(tmp_path / "adapter-files", parse_uri(str(adapter)))
+    hashed: collections.Counter = collections.Counter()
+    sha256_file = export_format.sha256_file
+
+    def counted(path, *args, **kwargs):
+        hashed[Path(path).resolve()] += 1
+        return sha256_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(export_format, "sha256_file", counted)
+
+    def each_file_once(*folders: Path) -> collections.Counter:
+        manifests = [(folder, json.loads((folder / export_format.EXPORT_MANIFEST).read_text())["files"]) for folder in folders]
+        return collections.Counter({(folder / f["path"]).resolve(): 1 for folder, files in manifests for f in files})
+
+    load_model(str(merged), cache_dir=tmp_path / "cache")
+    assert any(path.name == "model.safetensors" for path in hashed)
+    assert hashed == each_file_once(merged)
+
+    hashed.clear()
+    load_model(str(adapter), base_model=str(merged), cache_dir=tmp_path / "cache")
+    assert hashed == each_file_once(adapter, merged)
 
 
 def _serve(args, env, log):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from kubetune import exitcodes
-from kubetune.testing import free_port
+from kubetune.net import free_port
 from kubetune.train.main import execute, parse_args
 
 GOOD = {"prompt": "q", "response": "a"}

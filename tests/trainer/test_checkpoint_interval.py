@@ -17,8 +17,8 @@ import yaml
 
 from kubetune.cli import main as cli_main
 from kubetune.layout import job_layout
+from kubetune.net import free_port
 from kubetune.spec import load_job
-from kubetune.testing import free_port
 from kubetune.validation import check_job, job_warnings
 
 WARNING = (
@@ -62,14 +62,15 @@ def test_is_a_warning_not_a_problem(tmp_path, capsys):
 
 
 def test_the_operator_posts_it_once_as_a_warning_event_when_the_job_starts():
+    from kubetune.crd import FineTuneJobStatus
     from kubetune_operator.status import Observed, decide
 
     job = load_job(Path(__file__).resolve().parents[2] / "examples" / "lora-multinode.yaml")
     job.spec.training.max_steps, job.spec.checkpoint.every_steps = 4, 1000
     now = datetime(2026, 12, 3, 12, 0, 0)
     observed = Observed(warnings=[str(w) for w in job_warnings(job)])
-    first = decide(job, observed, None, {}, now, job_layout(job))
-    assert first.status["phase"] == "Pending" and "InvalidSpec" not in [c["type"] for c in first.status["conditions"]]
+    first = decide(job, observed, None, FineTuneJobStatus(), now, job_layout(job))
+    assert first.status.phase == "Pending" and "InvalidSpec" not in [c.type for c in first.status.conditions]
     assert [(e.type, e.reason, e.message) for e in first.events if e.reason == "SpecWarning"] == [("Warning", "SpecWarning", WARNING)]
     later = decide(job, observed, None, first.status, now, job_layout(job))
     assert [e for e in later.events if e.reason == "SpecWarning"] == []

@@ -11,7 +11,7 @@ import sys
 import yaml
 
 from kubetune import exitcodes
-from kubetune.testing import free_port
+from kubetune.net import free_port
 from kubetune.train.launch import exit_code_of
 
 

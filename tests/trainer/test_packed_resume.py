@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from kubetune import exitcodes
-from kubetune.testing import free_port
+from kubetune.net import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -12,10 +12,10 @@ import pytest
 from kubetune.data.cache import PREFIX, TokenCache, read_tokenized, write_tokenized
 from kubetune.data.loader import load_datasets
 from kubetune.data.pipeline import tokenize_datasets
+from kubetune.data.tokenize import CHATML_TEMPLATE
 from kubetune.model.loader import load_tokenizer
 from kubetune.spec import FineTuneJobSpec
 from kubetune.storage import open_store
-from kubetune.testing import CHATML_TEMPLATE
 
 from trainer_helpers import write_jsonl
 

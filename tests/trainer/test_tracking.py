@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from kubetune.layout import job_layout
+from kubetune.net import free_port
 from kubetune.spec import parse_job
-from kubetune.testing import free_port
 from kubetune.train import tracking
 from kubetune.uri import parse_uri
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from kubetune import exitcodes
-from kubetune.testing import free_port
+from kubetune.net import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Base models from s3://, file://, plain paths and pvc://, including GGUF files.
+"""The model cache: base models from s3://, file://, plain paths and pvc://, including GGUF files.
 
 `materialize_model` turns `spec.model` into a local Hugging Face folder the trainer, the
 merge step and the server can load with `from_pretrained`:
@@ -8,6 +8,11 @@ merge step and the server can load with `from_pretrained`:
 - GGUF weights (`spec.model.ggufFile`, or a location that is itself a .gguf file) are
   dequantized once into a safetensors folder in the cache (with the tokenizer, its chat
   template and the generation config), because training needs real tensors.
+
+A location that is a KubeTune export (export_format.py) is checked against its manifest once
+per load (`check_model_source`): local folders where they are, downloads before their cache
+entry is marked complete. `model_folder` is the step after that check, for a reader that has
+checked its copy itself (the server, on the merged model it serves).
 
 Every rank of a node may call it at the same time: a file lock per cache entry makes one
 of them download/convert while the others wait, and a marker file written last tells a
@@ -25,6 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
+from .export_format import IncompleteExport, check_export
 from .spec import ModelSpec
 from .storage import fetch, pvc_mount_path
 from .uri import UriError, parse_uri
@@ -55,28 +61,41 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+class ModelSourceError(ValueError):
+    """spec.model.uri or method.adapterUri does not point at a usable model/adapter."""
+
+
 def materialize_model(model_spec: ModelSpec, cache_dir: str | Path, base_dir: Optional[str | Path] = None, endpoint: Optional[str] = None) -> Path:
     """A local HF-format folder holding the base model of `model_spec` (see module doc)."""
     cache_dir = Path(cache_dir)
-    uri = parse_uri(model_spec.uri, base_dir)
+    return model_folder(_source(model_spec.uri, cache_dir, base_dir, endpoint), model_spec.gguf_file, cache_dir, model_spec.uri)
+
+
+def _source(location: str, cache_dir: Path, base_dir: Optional[str | Path], endpoint: Optional[str]) -> Path:
+    """The local file or folder of a model location, checked as a model source (a download is
+    checked before its cache entry is marked complete, so a reused entry is not hashed again)."""
+    uri = parse_uri(location, base_dir)
     if uri.scheme == "hf":
         raise UriError(
-            f"spec.model.uri {model_spec.uri!r}: KubeTune does not download from model hubs; "
+            f"spec.model.uri {location!r}: KubeTune does not download from model hubs; "
             "copy the model to s3://, a volume (pvc://) or a local folder and point spec.model.uri there"
         )
     if uri.scheme in ("file", "pvc"):
         path = Path(uri.path) if uri.scheme == "file" else Path(pvc_mount_path(uri.bucket)) / uri.path
         if not path.exists():
             where = f" (the volume is mounted at {path})" if uri.scheme == "pvc" else ""
-            raise FileNotFoundError(f"spec.model.uri: {model_spec.uri} does not exist{where}")
-        verify_export(path, f"spec.model.uri {model_spec.uri}")
-    else:
-        path = _download(str(uri), cache_dir, endpoint)
+            raise FileNotFoundError(f"spec.model.uri: {location} does not exist{where}")
+        return check_model_source(path, f"spec.model.uri {location}")
+    return _download(str(uri), cache_dir, endpoint)
 
-    gguf_file = model_spec.gguf_file
+
+def model_folder(path: Path, gguf_file: Optional[str], cache_dir: Path, location: str) -> Path:
+    """The Hugging Face folder of a local model file or folder that was already checked: a GGUF
+    file dequantized once into the cache, else the folder itself if it holds a config.json.
+    `location` names it in messages (spec.model.uri)."""
     if path.is_file():
         if not path.name.endswith(".gguf"):
-            raise ValueError(f"spec.model.uri {model_spec.uri} is a file but not a .gguf file; point it at a model folder")
+            raise ValueError(f"spec.model.uri {location} is a file but not a .gguf file; point it at a model folder")
         if gguf_file and gguf_file != path.name:
             raise ValueError(f"spec.model.ggufFile {gguf_file!r} does not match the GGUF file in spec.model.uri ({path.name})")
         path, gguf_file = path.parent, path.name
@@ -84,7 +103,7 @@ def materialize_model(model_spec: ModelSpec, cache_dir: str | Path, base_dir: Op
         return convert_gguf(path, gguf_file, cache_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"spec.model.uri {model_spec.uri}: no config.json in {path}; expected a Hugging Face model folder "
+            f"spec.model.uri {location}: no config.json in {path}; expected a Hugging Face model folder "
             "(config.json, tokenizer files, *.safetensors) or set spec.model.ggufFile"
         )
     return path
@@ -102,20 +121,22 @@ def _download(uri: str, cache_dir: Path, endpoint: Optional[str]) -> Path:
             shutil.rmtree(entry)
         log.info("downloading %s into %s", uri, entry)
         got = fetch(uri, entry, endpoint=endpoint)
-        verify_export(got, f"spec.model.uri {uri}")  # before the marker: a refused copy is fetched again next time
+        check_model_source(got, f"spec.model.uri {uri}")  # before the marker: a refused copy is fetched again next time
         marker.write_text(got.relative_to(entry).as_posix())
         return got
 
 
-def verify_export(path: Path, where: str) -> None:
-    """Refuse a folder that is an unfinished or altered KubeTune export (its files are not the
-    model the export wrote); folders KubeTune did not export are used as they are."""
-    from .export import IncompleteExport, check_export
-
+def check_model_source(path: Path, where: str) -> Path:
+    """`path`, once its export manifest (if any) vouches for its files (check_export). A user
+    who points a job at an unfinished or altered export gave a wrong input: ModelSourceError, a
+    ValueError (kubetune-train, kubetune run and kubetune-serve exit 64). The job's own outputs
+    meet the same fault as IncompleteExport instead: the merge step on its adapter and the
+    server on the location it serves (exit 1)."""
     try:
         check_export(path, where)
     except IncompleteExport as err:
-        raise ValueError(str(err)) from None
+        raise ModelSourceError(str(err)) from None
+    return path
 
 
 def _weights_stamp(path: Path) -> str:
@@ -149,31 +170,40 @@ def convert_gguf(folder: Path, gguf_file: str, cache_dir: Path) -> Path:
         return entry
 
 
-@contextlib.contextmanager
-def _one_gguf_parse() -> Iterator[None]:
-    """Share one GGUFReader per file while converting. transformers parses the file three
-    times (config, weights, tokenizer), and parsing the metadata (the vocabulary as ~100k
-    small arrays) costs more than dequantizing a small model. The reader is read-only."""
-    import gguf
+class SharedGGUFReaders:
+    """One parse of each GGUF file for one conversion. transformers parses the file three times
+    (config, weights, tokenizer), each time by calling `gguf.GGUFReader`, and parsing the
+    metadata (the vocabulary as ~100k small arrays) costs more than dequantizing a small model.
 
-    original = gguf.GGUFReader
-    readers: dict[tuple[str, str], object] = {}
+    transformers takes no reader from its caller, so `installed()` puts `self.reader` where it
+    looks (gguf.GGUFReader) for the length of a `with` block and the original back after. The
+    readers are read-only and belong to this object; each conversion makes its own."""
 
-    def shared(path, mode="r"):
+    def __init__(self):
+        import gguf
+
+        self.parse = gguf.GGUFReader
+        self.readers: dict[tuple[str, str], object] = {}
+
+    def reader(self, path, mode="r"):
         key = (os.fspath(path), mode)
-        if key not in readers:
-            readers[key] = original(path, mode)
-        return readers[key]
+        if key not in self.readers:
+            self.readers[key] = self.parse(path, mode)
+        return self.readers[key]
 
-    gguf.GGUFReader = shared
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = original
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["SharedGGUFReaders"]:
+        import gguf
+
+        gguf.GGUFReader = self.reader
+        try:
+            yield self
+        finally:
+            gguf.GGUFReader = self.parse
 
 
 def _dequantize(folder: Path, gguf_file: str, out: Path) -> None:
-    with _one_gguf_parse():
+    with SharedGGUFReaders().installed():
         _dequantize_with(folder, gguf_file, out)
 
 

@@ -32,14 +32,10 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any, Optional
 
-from .train.deepspeed_config import zero_buffer_sizes
+from .zero_sizes import REDUCE_BUCKET_ELEMENTS, STAGE3_PREFETCH_ELEMENTS, zero_buffer_sizes
 
 GiB = 1024**3
 
-# DeepSpeed's own defaults (zero_optimization.reduce_bucket_size, stage3_prefetch_bucket_size),
-# which apply where the trainer sets none (stages 0-1, or a model config without hidden_size).
-REDUCE_BUCKET_ELEMENTS = 500_000_000
-STAGE3_PREFETCH_ELEMENTS = 50_000_000
 # CUDA context + cuBLAS/cuDNN workspaces + NCCL buffers, per GPU process.
 RUNTIME_CONTEXT_BYTES = 1 * GiB
 # The caching allocator reserves more than the live tensors (fragmentation).
@@ -316,26 +312,30 @@ def activation_bytes(shape: ModelShape, micro_batch: int, seq: int, key_len: int
     return int(kept + layer)  # + gradients w.r.t. one layer's activations during its backward
 
 
-def estimate(spec, model_config: dict[str, Any], gpu_memory_bytes: Optional[int] = None) -> Estimate:
-    """Per-GPU and per-node host memory for training `spec` (a FineTuneJob or its spec)."""
-    spec = getattr(spec, "spec", spec)
-    shape = model_shape(model_config)
-    params, linears = inventory(shape)
-    total = sum(n for _, n in params)
-    method = spec.method
-    trainable = trainable_parameters(method, shape, params, linears)
-    training, dist = spec.training, spec.distributed
-    world, stage, offload = dist.world_size, dist.zero.stage, dist.zero.offload
-    act = _bytes_per_value(training.precision)
-    notes = list(trainable.notes)
+@dataclass(frozen=True)
+class ModelStates:
+    """Bytes per GPU of the model states after ZeRO partitioning and offload, and what offload
+    moved to host memory (per process)."""
 
-    # Model states.
+    weights: float
+    grads: float
+    optimizer: float
+    offloaded_weights: float
+    offloaded_optimizer: float
+    base_bytes_per_param: float  # the frozen base's weights (QLoRA: quantized)
+    trained: int  # parameters that train
+
+
+def model_states(method, dist, total: int, trainable: Trainable, act: int) -> ModelStates:
+    """Weights in the training precision (QLoRA: quantized); for the trainable parameters only,
+    gradients and Adam states; partitioned by ZeRO stage or moved to host memory by offload."""
+    world, stage, offload = dist.world_size, dist.zero.stage, dist.zero.offload
     base_bytes_per_param = method.settings().bits / 8 if method.type == "qlora" else act
     weights = total * base_bytes_per_param + trainable.added * act
     trained = trainable.base_trainable + trainable.added
     grads = trained * act
     optimizer = trained * (ADAM_BYTES_MIXED if act == 2 else ADAM_BYTES_FP32)
-    host_offloaded = {"weights": 0.0, "optimizer": 0.0}
+    offloaded_weights, offloaded_optimizer = 0.0, 0.0
     if stage >= 1:
         optimizer /= world
     if stage >= 2:
@@ -344,23 +344,30 @@ def estimate(spec, model_config: dict[str, Any], gpu_memory_bytes: Optional[int]
         weights /= world
     if offload in ("optimizer", "all"):
         # DeepSpeed's CPU Adam keeps the states and fp32 gradient partitions in host memory.
-        host_offloaded["optimizer"] = optimizer + trained * 4 / (world if stage >= 2 else 1)
+        offloaded_optimizer = optimizer + trained * 4 / (world if stage >= 2 else 1)
         optimizer, grads = 0, 0
     if offload == "all":
-        host_offloaded["weights"] = weights
-        weights = 0
+        offloaded_weights, weights = weights, 0
+    return ModelStates(weights, grads, optimizer, offloaded_weights, offloaded_optimizer, base_bytes_per_param, trained)
 
-    # Working buffers, sized as the trainer configures DeepSpeed (from the hidden size; the
-    # job's raw deepspeedConfig wins): the gradient reduce bucket; ZeRO-3 gathers the module
-    # it computes (a whole layer, or the embedding) plus the prefetch bucket.
+
+def buffer_bytes(dist, shape: ModelShape, total: int, trained: int, act: int) -> int:
+    """DeepSpeed's working buffers, sized as the trainer configures them (zero_sizes.py; the
+    job's raw deepspeedConfig wins): the gradient reduce bucket; ZeRO-3 gathers the module it
+    computes (a whole layer, or the embedding) plus the prefetch bucket."""
+    stage = dist.zero.stage
     zero_config = {**zero_buffer_sizes(stage, shape.hidden), **dist.deepspeed_config.get("zero_optimization", {})}
     buffers = min(int(zero_config.get("reduce_bucket_size", REDUCE_BUCKET_ELEMENTS)), trained) * act
     if stage >= 3:
         block = (shape.q_dim + 2 * shape.kv_dim) * shape.hidden + shape.q_dim * shape.hidden + (3 if shape.gated_mlp else 2) * shape.hidden * shape.intermediate
         prefetch = int(zero_config.get("stage3_prefetch_bucket_size", STAGE3_PREFETCH_ELEMENTS))
         buffers += (max(block, shape.vocab * shape.hidden) + min(prefetch, total)) * act
+    return buffers
 
-    # Activations: prompt tuning lengthens the sequence, P-tuning lengthens the keys.
+
+def activation_and_logit_bytes(method, training, shape: ModelShape, trainable: Trainable, act: int) -> tuple[int, int]:
+    """Activations (prompt tuning lengthens the sequence, P-tuning the keys) and the logits in
+    the compute dtype, their fp32 copy, log-softmax output and its gradient."""
     seq = training.max_length
     key_len = seq
     if method.type == "prompt":
@@ -373,41 +380,58 @@ def estimate(spec, model_config: dict[str, Any], gpu_memory_bytes: Optional[int]
         shape, training.micro_batch_size, seq, key_len, act, training.gradient_checkpointing,
         trainable.lora_inputs / shape.layers, lora_dropout,
     )  # fmt: skip
-    # Logits in the compute dtype, their fp32 copy, log-softmax output and its gradient.
     logits = training.micro_batch_size * seq * shape.vocab * (act + 12)
+    return activations, logits
 
-    tensors = weights + grads + optimizer + buffers + activations + logits
+
+def host_breakdown(dist, total: int, states: ModelStates) -> dict[str, int]:
+    """Host memory per node: every process loads the base weights before DeepSpeed takes them
+    (ZeRO-3 loads partitioned, about one copy per node), freed before offload buffers fill;
+    offloaded states; and the processes themselves."""
+    procs = dist.gpus_per_node
+    loading = (1 if dist.zero.stage >= 3 else procs) * total * states.base_bytes_per_param
+    offloaded = procs * (states.offloaded_weights + states.offloaded_optimizer)
+    return {
+        "loading_or_offload": int(max(loading, offloaded)),
+        "offloaded_weights": int(procs * states.offloaded_weights),
+        "offloaded_optimizer": int(procs * states.offloaded_optimizer),
+        "processes": procs * (HOST_PROCESS_BYTES + CUDA_HOST_BYTES),
+    }
+
+
+def estimate(spec, model_config: dict[str, Any], gpu_memory_bytes: Optional[int] = None) -> Estimate:
+    """Per-GPU and per-node host memory for training `spec` (a FineTuneJob or its spec)."""
+    spec = getattr(spec, "spec", spec)
+    shape = model_shape(model_config)
+    params, linears = inventory(shape)
+    total = sum(n for _, n in params)
+    method, training, dist = spec.method, spec.training, spec.distributed
+    trainable = trainable_parameters(method, shape, params, linears)
+    act = _bytes_per_value(training.precision)
+    notes = list(trainable.notes)
+
+    states = model_states(method, dist, total, trainable, act)
+    buffers = buffer_bytes(dist, shape, total, states.trained, act)
+    activations, logits = activation_and_logit_bytes(method, training, shape, trainable, act)
+    tensors = states.weights + states.grads + states.optimizer + buffers + activations + logits
     breakdown = {
-        "weights": int(weights),
-        "gradients": int(grads),
-        "optimizer": int(optimizer),
+        "weights": int(states.weights),
+        "gradients": int(states.grads),
+        "optimizer": int(states.optimizer),
         "activations": int(activations),
         "logits": int(logits),
         "buffers": int(buffers),
         "overhead": int(tensors * FRAGMENTATION + RUNTIME_CONTEXT_BYTES),
     }
     per_gpu = sum(breakdown.values())
-
-    # Host memory per node: every process loads the base weights before DeepSpeed takes
-    # them (ZeRO-3 loads partitioned, about one copy per node), freed before offload buffers
-    # fill; offloaded states; and the processes themselves.
-    procs = dist.gpus_per_node
-    loading = (1 if stage >= 3 else procs) * total * base_bytes_per_param
-    offloaded = procs * (host_offloaded["weights"] + host_offloaded["optimizer"])
-    host_breakdown = {
-        "loading_or_offload": int(max(loading, offloaded)),
-        "offloaded_weights": int(procs * host_offloaded["weights"]),
-        "offloaded_optimizer": int(procs * host_offloaded["optimizer"]),
-        "processes": procs * (HOST_PROCESS_BYTES + CUDA_HOST_BYTES),
-    }
-    host = host_breakdown["loading_or_offload"] + host_breakdown["processes"]
+    host = host_breakdown(dist, total, states)
     fits = None if gpu_memory_bytes is None else per_gpu <= gpu_memory_bytes
     if fits is False:
         notes.append(_advice(spec, breakdown))
     return Estimate(
-        per_gpu_bytes=int(per_gpu), host_bytes=int(host), breakdown=breakdown, host_breakdown=host_breakdown,
-        fits=fits, gpu_memory_bytes=gpu_memory_bytes, world_size=world, total_params=total,
-        trainable_params=int(trained), notes=notes,
+        per_gpu_bytes=int(per_gpu), host_bytes=int(host["loading_or_offload"] + host["processes"]), breakdown=breakdown,
+        host_breakdown=host, fits=fits, gpu_memory_bytes=gpu_memory_bytes, world_size=dist.world_size, total_params=total,
+        trainable_params=int(states.trained), notes=notes,
     )  # fmt: skip
 
 

@@ -483,7 +483,7 @@ def run_command(args) -> int:
 def _embedded_s3(stack: ExitStack, job: FineTuneJob, workdir: Path) -> tuple[Path, dict[str, str], str]:
     """Start SeaweedFS for the run (data kept in workdir/s3, so a re-run resumes) and write
     the job with its storage endpoint pointing there."""
-    from ..testing import SeaweedS3
+    from ..embedded_s3 import SeaweedS3
 
     with console.status("starting the embedded S3 server"):
         server = stack.enter_context(SeaweedS3(workdir / "s3", buckets=tuple(s3_buckets(job))))

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..testing import free_port
+from ..net import free_port
 
 
 class ServerError(RuntimeError):

@@ -34,11 +34,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..testing import CHATML_TEMPLATE
 from .converters import Message
 from .encoding import TemplateError, encode_chat, encode_plain, render_chat, special_tokens
 
 IGNORE = -100
+
+# ChatML (Qwen, SmolLM2 and others): what `chatTemplate: chatml` names, and the tiny test model's template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 # Named templates a user may set in spec.model.chatTemplate instead of Jinja text, for
 # tokenizers that ship none. Explicit only: a missing template is never guessed.

@@ -6,6 +6,9 @@ adapter: its base comes from `--base-model`, else from the adapter's
 `base_model_name_or_path` (which must be a location this server can reach). LoRA adapters
 are merged into the base in memory so generation runs at full speed; prompt-learning
 adapters (p-tuning, prompt tuning) stay wrapped.
+
+The served location is checked against its export manifest once (`_local`); an adapter's base
+is a model source, checked by the model cache (model_source.py) as for training.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..model_source import cache_key, materialize_model
+from ..export_format import check_export
+from ..model_source import cache_key, materialize_model, model_folder
 from ..spec import ModelSpec
 from ..storage import fetch
 from ..uri import parse_uri
@@ -35,8 +39,6 @@ class LoadedModel:
 
 
 def _local(location: str, cache_dir: Path, base_dir: Optional[Path], endpoint: Optional[str]) -> Path:
-    from ..export import check_export
-
     uri = parse_uri(location, base_dir)
     path = fetch(uri, cache_dir / "serve" / cache_key(str(uri)), endpoint=endpoint)
     check_export(path, str(uri))  # an unfinished or altered export is refused, never served
@@ -80,7 +82,7 @@ def load_model(
             raise FileNotFoundError(f"the base model of adapter {location} is not reachable ({err}); pass --base-model URI") from None
         weights_path = base_path
     else:
-        weights_path = materialize_model(ModelSpec(uri=str(path)), cache_dir, endpoint=endpoint)
+        weights_path = model_folder(path, None, cache_dir, str(path))  # checked above: not hashed again
 
     log.info("loading %s on %s", weights_path, device)
     model = AutoModelForCausalLM.from_pretrained(weights_path, dtype=_dtype(dtype, device), trust_remote_code=trust_remote_code)

@@ -472,7 +472,7 @@ class BackgroundServer:
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: Optional[int] = None):
         import uvicorn
 
-        from ..testing import free_port
+        from ..net import free_port
 
         self.host, self.port = host, port or free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning", access_log=False))

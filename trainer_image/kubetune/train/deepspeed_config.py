@@ -10,15 +10,8 @@ here (a torch optimizer steps host-memory parameters several times slower). On m
 without a GPU the torch AdamW is kept (`zero_force_ds_cpu_optimizer: false`): everything is
 in host memory anyway, and DeepSpeed's CPU Adam would first need a C++ compile.
 
-ZeRO buffers are sized from the model's hidden size h, as Hugging Face's "auto" values are
-(reduce bucket h^2, ZeRO-3 prefetch bucket 0.9 h^2, persistence threshold 10 h), instead of
-DeepSpeed's defaults, which are sized for billion-parameter models (a 5e8-element reduce
-bucket, up to 1e9 parameters kept gathered): with those, a ZeRO-3 rank of any model under a
-billion parameters ends up holding every parameter gathered between forward and backward,
-plus a gradient buffer the size of its whole partition, and needs more memory than plain
-data parallelism. The number of parameters kept gathered (`stage3_max_live_parameters`,
-`stage3_max_reuse_distance`) and the optimizer sub-group (`sub_group_size`, which bounds
-ZeRO-3's fp32 gradient buffer) are one decoder layer's worth, about 12 h^2.
+ZeRO buffers are sized from the model's hidden size (kubetune/zero_sizes.py says why; the
+memory planner counts the same sizes).
 """
 
 from __future__ import annotations
@@ -27,6 +20,7 @@ import copy
 from typing import Any, Optional
 
 from ..spec import FineTuneJobSpec
+from ..zero_sizes import zero_buffer_sizes
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -40,24 +34,6 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
         else:
             out[key] = copy.deepcopy(value)
     return out
-
-
-def zero_buffer_sizes(stage: int, hidden_size: Optional[int]) -> dict[str, int]:
-    """ZeRO bucket and gathering limits (elements) derived from the model's hidden size (see
-    the module docstring); empty without a hidden size (DeepSpeed's defaults then apply)."""
-    if not hidden_size or stage < 2:
-        return {}
-    sizes = {"reduce_bucket_size": hidden_size * hidden_size}
-    if stage == 3:
-        layer = 12 * hidden_size * hidden_size
-        sizes.update(
-            stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
-            stage3_param_persistence_threshold=10 * hidden_size,
-            stage3_max_live_parameters=layer,
-            stage3_max_reuse_distance=layer,
-            sub_group_size=layer,
-        )
-    return sizes
 
 
 def model_hidden_size(model_config: dict[str, Any]) -> Optional[int]:

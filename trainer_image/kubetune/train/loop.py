@@ -21,6 +21,7 @@ from ..layout import job_layout
 from ..model_source import default_cache_dir
 from ..retention import Retention
 from ..spec import FineTuneJob
+from .events import EventStream
 from .recipe import FineTuneRecipe, RunContext
 from .reporter import Reporter
 from .tracking import build_trackers
@@ -63,7 +64,7 @@ def init_distributed() -> Dist:
     import torch
 
     if "RANK" not in os.environ:
-        from ..testing import free_port
+        from ..net import free_port
 
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -102,7 +103,7 @@ class Preemption:
         return bool(flag.item())
 
 
-def run(job: FineTuneJob, base_dir: Optional[Path]) -> int:
+def run(job: FineTuneJob, base_dir: Optional[Path], events: EventStream) -> int:
     """Train the job; returns the process exit code (0 or PREEMPTED). Raises on bad input;
     any failure after start is also recorded in progress.json (phase failed)."""
     from ..model.methods import check_method_runtime
@@ -118,7 +119,7 @@ def run(job: FineTuneJob, base_dir: Optional[Path]) -> int:
     retention = Retention.plan(job, len(examples), work / "retention", base_dir)  # its prompt files, checked like the data
     dist_info = init_distributed()
     # Trackers start before the model loads: a missing package or setting fails in seconds.
-    reporter = Reporter(job, layout, dist_info.world_size, main=dist_info.main, trackers=build_trackers(job, layout, dist_info.main))
+    reporter = Reporter(job, layout, dist_info.world_size, main=dist_info.main, events=events, trackers=build_trackers(job, layout, dist_info.main))
     preemption = Preemption()
     reporter.phase("starting")
     ctx = RunContext(job, base_dir, layout, dist_info, preemption, reporter, examples, val_examples, cache_dir, work, retention)

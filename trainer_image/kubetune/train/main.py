@@ -18,6 +18,7 @@ from .. import exitcodes
 from ..spec import SpecError, load_job
 from ..storage import StorageError
 from ..validation import job_warnings
+from .events import EventStream
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -35,8 +36,8 @@ def invalid_input_errors() -> tuple[type[Exception], ...]:
     from ..data.tokenize import TemplateError
     from ..layout import LayoutError
     from ..model.methods import MethodError
+    from ..model_source import ModelSourceError
     from ..uri import UriError
-    from .recipe import ModelSourceError
     from .tracking import TrackerError
 
     return (SpecError, DataError, TemplateError, LayoutError, MethodError, ModelSourceError, UriError, CheckpointMismatch, TrackerError)
@@ -70,19 +71,19 @@ def return_freed_host_memory() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .events import capture_stdout
-
-    capture_stdout()
+    events = EventStream.capture_stdout()  # before anything prints: stdout is for events only
     logging.basicConfig(
         level=os.environ.get("KUBETUNE_LOG_LEVEL", "INFO"),
         stream=sys.stderr,
         format=f"%(asctime)s rank{os.environ.get('RANK', '0')} %(levelname)s %(name)s: %(message)s",
     )
-    return execute(parse_args(argv))
+    return execute(parse_args(argv), events)
 
 
-def execute(args: argparse.Namespace) -> int:
-    """Run (or merge) the job; map errors to exit codes with the message on stderr."""
+def execute(args: argparse.Namespace, events: Optional[EventStream] = None) -> int:
+    """Run (or merge) the job; map errors to exit codes with the message on stderr. Events go
+    to `events` (main's captured stdout), else to this process's stdout."""
+    events = events or EventStream(sys.stdout)
     base_dir = Path(args.base_dir) if args.base_dir else Path(args.job).resolve().parent
     try:
         job = load_job(args.job)
@@ -93,18 +94,17 @@ def execute(args: argparse.Namespace) -> int:
             return_freed_host_memory()
         if args.merge:
             from ..export import run_merge
-            from .events import emit
 
             try:
                 outputs = run_merge(job, base_dir)
             except (ValueError, FileNotFoundError) as err:  # nothing to merge, or no adapter yet
                 print(f"kubetune-train --merge: {err}", file=sys.stderr)
                 return exitcodes.INVALID_INPUT
-            emit("done", step=None, outputs=outputs, summary={"merged": True})
+            events.emit("done", step=None, outputs=outputs, summary={"merged": True})
             return exitcodes.OK
         from .loop import run
 
-        return run(job, base_dir)
+        return run(job, base_dir, events)
     except invalid_input_errors() as err:
         print(f"kubetune-train: {err}", file=sys.stderr)
         return exitcodes.INVALID_INPUT

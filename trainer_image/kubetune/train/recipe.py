@@ -26,7 +26,7 @@ from ..data.loader import Example
 from ..data.pipeline import Epoch, length_limits, prepare
 from ..data.tokenize import Sample
 from ..layout import JobLayout
-from ..model_source import materialize_model, verify_export
+from ..model_source import ModelSourceError, check_model_source, materialize_model
 from ..retention import Retention
 from ..spec import FineTuneJob
 from ..storage import fetch, open_store
@@ -36,10 +36,6 @@ from .loss import LossWindow, TokenWeighting, forward_backward
 from .reporter import Reporter
 
 log = logging.getLogger("kubetune.train")
-
-
-class ModelSourceError(ValueError):
-    """spec.model.uri or method.adapterUri does not point at a usable model/adapter."""
 
 
 @dataclass
@@ -156,7 +152,7 @@ class FineTuneRecipe:
             return None
         try:
             adapter_dir = fetch(uri, self.ctx.work / "adapter", self.ctx.base_dir, self.spec.storage.endpoint)
-            verify_export(adapter_dir, f"method.adapterUri {uri}")
+            check_model_source(adapter_dir, f"method.adapterUri {uri}")
         except (FileNotFoundError, ValueError) as err:
             raise ModelSourceError(f"method.adapterUri: {err}") from None
         return adapter_dir

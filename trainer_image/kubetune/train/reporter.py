@@ -25,7 +25,7 @@ from ..progress import Progress
 from ..retention.measure import describe
 from ..spec import FineTuneJob
 from ..storage import open_store
-from .events import emit
+from .events import EventStream
 from .metrics import TrainMetrics
 
 log = logging.getLogger("kubetune.train")
@@ -85,8 +85,9 @@ class StatusWriter:
 
 
 class Reporter:
-    def __init__(self, job: FineTuneJob, layout: JobLayout, world_size: int, main: bool, trackers: Sequence[Any] = ()):
+    def __init__(self, job: FineTuneJob, layout: JobLayout, world_size: int, main: bool, events: EventStream, trackers: Sequence[Any] = ()):
         self.main = main
+        self.events = events
         self.layout = layout
         self.status = StatusWriter(job, layout, world_size, enabled=main)
         self.metrics = TrainMetrics(job.metadata.name)
@@ -107,9 +108,9 @@ class Reporter:
                 self.metrics.serve()
             except OSError as err:  # a busy port must not stop training
                 log.warning("Prometheus metrics not served: %s", err)
-            emit("start", total_steps=total_steps, **fields)
+            self.events.emit("start", total_steps=total_steps, **fields)
             if resumed_from is not None:
-                emit("resume", **{"from": resumed_from, "step": step})
+                self.events.emit("resume", **{"from": resumed_from, "step": step})
         self.phase("training", step=step, total_steps=total_steps)
 
     def step(self, record: dict, tokens: int) -> None:
@@ -117,7 +118,7 @@ class Reporter:
         tokens_per_second and eta_seconds; tokens = non-padding tokens since the last one."""
         if self.main:  # metrics first: whoever sees the event can scrape its values
             self.metrics.observe_step(record, tokens)
-            emit("step", **record)
+            self.events.emit("step", **record)
             self.status.add_metrics("step", record)
             for tracker in self.trackers:
                 tracker.step(record)
@@ -128,7 +129,7 @@ class Reporter:
         """Validation results: step, validation_loss, and generation metrics when asked for."""
         if self.main:
             self.metrics.observe_eval(record["validation_loss"])
-            emit("eval", **record)
+            self.events.emit("eval", **record)
             self.status.add_metrics("eval", record)
             for tracker in self.trackers:
                 tracker.evaluation(record)
@@ -137,7 +138,7 @@ class Reporter:
         """A checkpoint was saved (committed: the newest checkpoint a resume would use)."""
         if self.main:
             self.metrics.observe_checkpoint(seconds, time.time())
-            emit("checkpoint", step=step, name=name, seconds=round(seconds, 3), committed=committed)
+            self.events.emit("checkpoint", step=step, name=name, seconds=round(seconds, 3), committed=committed)
             self.status.flush_metrics()
         self.phase("saving" if final else "training", last_checkpoint=committed, last_checkpoint_time=committed_time,
                    last_checkpoint_uri=committed and str(self.layout.checkpoints.join(committed)))  # fmt: skip
@@ -146,20 +147,20 @@ class Reporter:
         """spec.retention's base-model answers are ready (generated now, or read from the cache)."""
         if self.main:
             self.metrics.replay_samples.labels(self.metrics.job).set(info["samples"])
-            emit("replay", **info)
+            self.events.emit("replay", **info)
 
     def retention(self, report: dict) -> None:
         """spec.retention's probe figures after training (retention.measure's report)."""
         if self.main:
             (log.warning if report["below_threshold"] else log.info)("retention: %s", describe(report))
             self.metrics.observe_retention(report)
-            emit("retention", **report)
+            self.events.emit("retention", **report)
         figures = {k: report[k] for k in ("probes", "base_right", "kept", "kept_ratio", "warn_below", "below_threshold")}
         self.status.update(retention=figures | {"lost": [entry["question"] for entry in report["lost"]]})
 
     def preempted(self, step: int) -> None:
         if self.main:
-            emit("preempted", step=step)
+            self.events.emit("preempted", step=step)
 
     def done(self, step: int, summary: dict, outputs: dict) -> None:
         if self.main:
@@ -167,7 +168,7 @@ class Reporter:
             self.status.summary(summary)
         self.phase("done", outputs=outputs)
         if self.main:
-            emit("done", step=step, outputs=outputs, summary={k: v for k, v in summary.items() if k not in ("losses", "validation_losses", "retention")})
+            self.events.emit("done", step=step, outputs=outputs, summary={k: v for k, v in summary.items() if k not in ("losses", "validation_losses", "retention")})
 
     def close(self, failed: bool = False) -> None:
         """The run ends (failed: it raised; a preemption is not a failure)."""
