@@ -47,6 +47,6 @@ bench: setup
 	$(PY) -m bench.run_cpu
 
 crds: setup
-	$(PY) -m kubetune.crd > crds/finetunejobs.kubetune.io.yaml
+	$(PY) -m kubetune.api.crd > crds/finetunejobs.kubetune.io.yaml
 	# The Helm chart ships a copy (tests/helm checks they are equal).
 	cp crds/finetunejobs.kubetune.io.yaml charts/kubetune/crds/

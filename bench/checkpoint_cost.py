@@ -108,7 +108,7 @@ def resume(model_dir: Path, seaweed, cfg: dict, workdir: Path) -> dict:
 
 
 def run(workdir: Path, quick: bool = False, skip_resume: bool = False) -> dict:
-    from kubetune.embedded_s3 import SeaweedS3
+    from kubetune.artifacts.embedded_s3 import SeaweedS3
 
     cfg = settings(quick)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -106,13 +106,13 @@ def main() -> None:
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        from kubetune.net import free_port
+        from kubetune.artifacts.net import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
 
-    from kubetune.checkpoint import CheckpointManager
-    from kubetune.storage import open_store, s3_client
-    from kubetune.uri import parse_uri
+    from kubetune.api.uri import parse_uri
+    from kubetune.artifacts.checkpoint import CheckpointManager
+    from kubetune.artifacts.storage import open_store, s3_client
 
     engine = engine_for(args.model, args.micro_batch)
     vocab = engine.module.config.vocab_size

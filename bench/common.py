@@ -177,7 +177,7 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> Path:
 
 def job_document(name: str, model_dir: Path, data: Path, *, training: dict, method: Optional[dict] = None, distributed: Optional[dict] = None, **spec: Any) -> dict:
     """A FineTuneJob document (user-facing names), validated with the real spec model."""
-    from kubetune.spec import parse_job
+    from kubetune.api.spec import parse_job
 
     doc = {
         "apiVersion": "kubetune.io/v1alpha1",
@@ -251,7 +251,7 @@ def trainer_command(job: Path, nproc: int, extra: Iterable[str] = (), master_por
     program = [str(RANK_PEAK), "kubetune.train.main", "--job", str(job), *extra]
     if nproc == 1:
         return [sys.executable, *program]
-    from kubetune.net import free_port
+    from kubetune.artifacts.net import free_port
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(master_port or free_port())]
     return [*torchrun, *program]

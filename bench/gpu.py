@@ -121,8 +121,8 @@ def job_for(config: Config, model_dir: Path, data: Path, gpus: int, steps: int, 
 
 def plan(config: Config, model_cfg: dict, model_dir: Path, data: Path, gpus: int, steps: int, gpu_bytes: Optional[int]) -> tuple[Optional[dict], dict]:
     """The first variant (as is, + gradient checkpointing, + ZeRO-3 offload) the planner says fits."""
-    from kubetune import planner
-    from kubetune.spec import parse_job
+    from kubetune.api.spec import parse_job
+    from kubetune.planner import estimate as planner
 
     variants = [(False, "none"), (True, "none")]
     if config.zero == 3:
@@ -139,7 +139,7 @@ def plan(config: Config, model_cfg: dict, model_dir: Path, data: Path, gpus: int
 
 
 def deepspeed_config_for(doc: dict, gpus: int) -> dict:
-    from kubetune.spec import parse_job
+    from kubetune.api.spec import parse_job
     from kubetune.train.deepspeed_config import build_deepspeed_config
 
     return build_deepspeed_config(parse_job(doc).spec, gpus, "bf16", on_gpu=True)
@@ -170,9 +170,8 @@ def build_model(dest: Path, shape: str) -> Path:
 
 def dataset(workdir: Path) -> tuple[Path, float]:
     """The mixed-length chat data and its token-weighted mean sample length."""
-    from kubetune.testing import build_tiny_tokenizer
-
     from bench.common import tokenize_chat
+    from kubetune.testing import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     records = chat_records(SAMPLES, 16, MAX_LENGTH, seed=11, tokenizer=tokenizer)
@@ -219,7 +218,7 @@ def gpu_description() -> dict:
 
 def dry_run(configs: list[Config], workdir: Path, gpus: int, steps: int, gpu_bytes: int) -> dict:
     """Every job, DeepSpeed config, planner estimate and FLOP count, checked without a GPU."""
-    from kubetune import planner
+    from kubetune.planner import estimate as planner
     from kubetune.testing import build_tiny_tokenizer
 
     vocab_ids = len(build_tiny_tokenizer())
@@ -243,7 +242,7 @@ def dry_run(configs: list[Config], workdir: Path, gpus: int, steps: int, gpu_byt
 
 
 def parse_doc(doc: dict):
-    from kubetune.spec import parse_job
+    from kubetune.api.spec import parse_job
 
     return parse_job(doc)
 

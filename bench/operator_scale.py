@@ -61,7 +61,7 @@ def job_documents(n: int, endpoint: str) -> list[dict]:
 
 def children(job_object: dict, settings) -> list[dict]:
     """What the operator creates for a new job (its own builders), for the created job object."""
-    from kubetune.spec import parse_job
+    from kubetune.api.spec import parse_job
     from kubetune_operator import builders
 
     job = parse_job(job_object)
@@ -199,7 +199,6 @@ def secret(seaweed) -> dict:
 
 def run_operator_phase(plane, api, docs: list[dict], seaweed, workdir: Path, timeout: float) -> dict:
     import psutil
-
     from kube_harness import create_namespace
     from operator_harness import path, running_operator
 
@@ -234,8 +233,9 @@ def run_operator_phase(plane, api, docs: list[dict], seaweed, workdir: Path, tim
 
 def run_floor(plane, api, docs: list[dict], settings_env: dict[str, str], timeout: float) -> dict:
     from kube_harness import create_namespace
-    from kubetune_operator.settings import Settings
     from operator_harness import path
+
+    from kubetune_operator.settings import Settings
 
     namespace = create_namespace(api, "scale-floor")
     # What the chart puts in a namespace before the operator's pods can run there.
@@ -268,8 +268,9 @@ def summarize(phase: dict, n: int) -> dict:
 
 def run(workdir: Path, quick: bool = False, jobs: Optional[int] = None) -> dict:
     from kube_harness import KubeApi, apply_crd
-    from kubetune.embedded_s3 import SeaweedS3
     from localcluster import ControlPlane
+
+    from kubetune.artifacts.embedded_s3 import SeaweedS3
 
     n = jobs or (5 if quick else JOBS)
     timeout = 60 if quick else max(180, 2 * n)

@@ -23,7 +23,6 @@ import runpy
 import sys
 from pathlib import Path
 
-
 _PHASES: dict[str, int] = {}
 
 
@@ -40,8 +39,8 @@ def _watch_trainer_phases() -> None:
     """Record the RSS when kubetune's load_model is entered (baseline) and when it returns, and
     the peak so far when the export (save_trained) starts."""
     try:
-        from kubetune import export
         from kubetune.model import loader
+        from kubetune.train import export
     except ImportError:
         return
     save_trained = export.save_trained

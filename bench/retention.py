@@ -129,8 +129,8 @@ def answer_in_process(model_dir: Path, questions: list[dict], max_new_tokens: in
 
 def base_answers_in_process(document: dict, questions_path: Path, questions: list[dict], workdir: Path) -> list[str]:
     """The base model's answers to a question file, computed once per file and kept in workdir."""
-    from kubetune.model_source import default_cache_dir, materialize_model
-    from kubetune.spec import ModelSpec
+    from kubetune.api.spec import ModelSpec
+    from kubetune.artifacts.model_source import default_cache_dir, materialize_model
 
     cached = workdir / f"base-answers-{questions_path.stem}.json"
     if cached.exists():

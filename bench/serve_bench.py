@@ -139,7 +139,7 @@ def run(
     """Measure tokens/s and latency p50/p99 of the server at each client count and of the baseline."""
     import torch
 
-    from kubetune.net import free_port
+    from kubetune.artifacts.net import free_port
     from kubetune.serve.loader import load_model
 
     max_tokens = max_tokens or (16 if quick else 64)

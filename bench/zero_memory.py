@@ -74,8 +74,8 @@ def training_block(cfg: dict) -> dict:
 
 def planner_per_rank(job_doc: dict, config: dict) -> dict:
     """The planner's estimate, and what it means for one CPU rank (see the module docstring)."""
-    from kubetune import planner
-    from kubetune.spec import parse_job
+    from kubetune.api.spec import parse_job
+    from kubetune.planner import estimate as planner
 
     est = planner.estimate(parse_job(job_doc), config)
     procs = job_doc["spec"]["distributed"]["gpusPerNode"]

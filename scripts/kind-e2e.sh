@@ -114,7 +114,7 @@ spec:
             - -c
             - |
               import json, tempfile
-              from kubetune.storage import open_store, s3_client
+              from kubetune.artifacts.storage import open_store, s3_client
               from kubetune.testing import build_tiny_model
               client = s3_client()
               for bucket in ("models", "data", "outputs"):

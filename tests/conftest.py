@@ -30,7 +30,8 @@ def finetunejob_crd(control_plane) -> str:
     """The checked-in FineTuneJob CRD (the file users apply), applied server-side to the
     session's control plane and Established; returns its name."""
     from kube_harness import apply_crd
-    from kubetune.crd import CRD_FILENAME
+
+    from kubetune.api.crd import CRD_FILENAME
 
     return apply_crd(control_plane, REPO / "crds" / CRD_FILENAME)
 
@@ -46,7 +47,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
     """A real SeaweedFS S3 server on 127.0.0.1 (buckets: models, data, checkpoints, outputs)."""
-    from kubetune.embedded_s3 import SeaweedS3
+    from kubetune.artifacts.embedded_s3 import SeaweedS3
 
     server = SeaweedS3(tmp_path_factory.mktemp("seaweed"), buckets=("models", "data", "checkpoints", "outputs"))
     server.start()

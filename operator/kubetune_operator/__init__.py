@@ -21,8 +21,10 @@ A map, in the order a job flows through it:
     metrics.py    OperatorMetrics: run counters, job series computed from the state at scrape
     kube.py       the operator's API calls (lightkube) and kopf's login, one configuration
 
-Shared with the trainer and the CLI (trainer_image/kubetune): `spec` (the resource),
-`crd` (the CRD, status model included), `naming` (child names and labels), `layout`
-(where a job's files go, whether it merges), `validation` (semantic checks), `storage`
-(S3 access, `S3Clients` for per-job keys), `progress` (what the trainer reports).
+Shared with the trainer and the CLI (trainer_image/kubetune): the contracts in `kubetune.api`
+(`spec` the resource, `crd` the CRD and typed status, `naming` child names and labels,
+`layout` where a job's files go, `validation` semantic checks, `progress` what the trainer
+reports), `kubetune.planner` (the memory estimate) and `kubetune.artifacts.storage` (S3
+access, `S3Clients` for per-job keys). Nothing from the trainer, the server or the CLI
+(tests/core/test_structure.py checks the import closure).
 """

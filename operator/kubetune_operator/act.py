@@ -1,6 +1,6 @@
 """Act: run a decision's actions, creating and deleting the job's children.
 
-Idempotent: children have deterministic names (`kubetune.naming`), creation is
+Idempotent: children have deterministic names (`kubetune.api.naming`), creation is
 create-if-absent (409 = already there) and deletion of what is gone is no error, so a run
 repeated after a lost answer or an operator restart does no harm. What observe.py read is
 reused (`Observation`); only what it did not read is read here.
@@ -13,10 +13,10 @@ import hashlib
 import json
 import logging
 
-from kubetune.layout import LayoutError, job_layout
-from kubetune.naming import config_map_name, selector, serve_name, workers_service_name
-from kubetune.spec import FineTuneJob
-from kubetune.storage import S3Clients
+from kubetune.api.layout import LayoutError, job_layout
+from kubetune.api.naming import config_map_name, selector, serve_name, workers_service_name
+from kubetune.api.spec import FineTuneJob
+from kubetune.artifacts.storage import S3Clients
 
 from . import builders
 from .kube import Kube

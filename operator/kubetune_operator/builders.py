@@ -1,7 +1,7 @@
 """Pure builders: one FineTuneJob -> the child manifests the operator creates.
 
 No API calls here; `act.py` creates what these return. Names and labels come from
-`kubetune.naming` (shared with the CLI). Every child is owned by the job (owner
+`kubetune.api.naming` (shared with the CLI). Every child is owned by the job (owner
 reference), labelled `kubetune.io/job: NAME`, runs as non-root with all capabilities
 dropped, and gets S3 and tracker credentials only through `secretKeyRef` (contract 9).
 """
@@ -12,9 +12,9 @@ from typing import Any, Optional
 
 import yaml
 
-from kubetune import spec as specmod
-from kubetune.layout import JobLayout, job_layout
-from kubetune.naming import (
+from kubetune.api import spec as specmod
+from kubetune.api.layout import JobLayout, job_layout
+from kubetune.api.naming import (
     ATTEMPT_LABEL,
     CONFIG_ROLE,
     INDEX_LABEL,
@@ -29,9 +29,9 @@ from kubetune.naming import (
     worker_pod_name,
     workers_service_name,
 )
-from kubetune.spec import FineTuneJob, dump_job
-from kubetune.storage import pvc_mount_path
-from kubetune.uri import parse_uri
+from kubetune.api.spec import FineTuneJob, dump_job
+from kubetune.api.uri import parse_uri
+from kubetune.artifacts.storage import pvc_mount_path
 
 from .settings import Settings
 
@@ -374,7 +374,7 @@ def serve_command(job: FineTuneJob, layout: JobLayout) -> list[str]:
 
 def fetch_model_command(uri: str) -> list[str]:
     """Init container of the vLLM pod: our image copies the merged model to a shared volume."""
-    code = f"from kubetune.storage import fetch; fetch({uri!r}, {MODEL_MOUNT!r})"
+    code = f"from kubetune.artifacts.storage import fetch; fetch({uri!r}, {MODEL_MOUNT!r})"
     return ["python", "-c", code]
 
 

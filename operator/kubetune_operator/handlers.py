@@ -21,7 +21,7 @@ from typing import Any
 import kopf
 from lightkube import ConfigError
 
-from kubetune import spec as specmod
+from kubetune.api import spec as specmod
 
 from .kube import Kube, connection_info, load_config
 from .reconcile import cleanup, reconcile

@@ -33,7 +33,7 @@ from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import ConfigMap, Pod, Secret, Service
 from lightkube.types import CascadeType, PatchType
 
-from kubetune.spec import API_GROUP, API_VERSION, PLURAL
+from kubetune.api.spec import API_GROUP, API_VERSION, PLURAL
 
 # (verb, resource) of every API call below, for the chart's Role; a resource outside the core
 # group is written resource[/subresource].group. kopf adds its own (finetunejobs list/watch,

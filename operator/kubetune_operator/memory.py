@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from kubetune.planner import PlanError, estimate, parse_memory
-from kubetune.spec import FineTuneJob
+from kubetune.api.spec import FineTuneJob
+from kubetune.planner.estimate import PlanError, estimate, parse_memory
 
 GIB = 1024**3
 

@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kubetune.crd import FineTuneJobStatus
-from kubetune.spec import Phase
+from kubetune.api.crd import FineTuneJobStatus
+from kubetune.api.spec import Phase
 
 from .status import parse_iso, utc_now
 

@@ -13,7 +13,7 @@ read serves every job naming it for a few seconds (`state.SecretCache`).
 
 Storage credentials: to read progress.json the operator fetches the job's
 `spec.storage.credentialsSecret` through the API at read time and passes the keys to a
-boto3 client in memory only (`kubetune.storage.S3Clients`); they are never logged, stored
+boto3 client in memory only (`kubetune.artifacts.storage.S3Clients`); they are never logged, stored
 in status, or put in the environment. Without a credentialsSecret, boto3's default chain
 (the operator pod's own identity, e.g. IRSA) is used. pvc:// checkpoint locations cannot
 be read by the operator: progress then stays unknown while the pod phases still drive the job.
@@ -32,14 +32,14 @@ from typing import Awaitable, Callable, Optional
 
 import kopf
 
-from kubetune.crd import FineTuneJobStatus
-from kubetune.layout import JobLayout, LayoutError, job_layout
-from kubetune.naming import ATTEMPT_LABEL, INDEX_LABEL, MERGE_ROLE, ROLE_LABEL, WORKER_ROLE, config_map_name, selector, serve_name
-from kubetune.planner import shipped_config
-from kubetune.progress import Progress, parse_progress
-from kubetune.spec import FineTuneJob, Phase, SpecError, parse_job
-from kubetune.uri import parse_uri
-from kubetune.validation import check_job, job_warnings
+from kubetune.api.crd import FineTuneJobStatus
+from kubetune.api.layout import JobLayout, LayoutError, job_layout
+from kubetune.api.naming import ATTEMPT_LABEL, INDEX_LABEL, MERGE_ROLE, ROLE_LABEL, WORKER_ROLE, config_map_name, selector, serve_name
+from kubetune.api.progress import Progress, parse_progress
+from kubetune.api.spec import FineTuneJob, Phase, SpecError, parse_job
+from kubetune.api.uri import parse_uri
+from kubetune.api.validation import check_job, job_warnings
+from kubetune.planner.estimate import shipped_config
 
 from . import builders
 from .memory import check_memory

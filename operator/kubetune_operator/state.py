@@ -16,8 +16,8 @@ from typing import Iterator, Optional
 
 import kopf
 
-from kubetune.crd import FineTuneJobStatus
-from kubetune.storage import S3Clients
+from kubetune.api.crd import FineTuneJobStatus
+from kubetune.artifacts.storage import S3Clients
 
 from .kube import Kube
 from .metrics import OperatorMetrics

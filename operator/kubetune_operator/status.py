@@ -5,7 +5,7 @@
 `observed` is what `observe.py` saw this cycle (children, Secret, semantic problems);
 `actions` say which children `act.py` creates or deletes; `events` are emitted for every
 phase transition. Status is the typed `FineTuneJobStatus` that also generates the CRD's
-status schema (`kubetune.crd`), so what the operator writes and what the API accepts have
+status schema (`kubetune.api.crd`), so what the operator writes and what the API accepts have
 one source. No I/O here, so every transition is unit-tested from a table.
 
 Phases: Pending -> Running -> (Restarting -> Running)* -> Merging -> Serving | Succeeded,
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Optional
 
-from kubetune import exitcodes
-from kubetune.crd import LOST_SHOWN, Condition, FineTuneJobStatus, OutputsStatus, ProgressStatus, RetentionStatus
-from kubetune.layout import JobLayout
-from kubetune.naming import worker_pod_name
-from kubetune.progress import Progress
-from kubetune.spec import FineTuneJob, Phase
+from kubetune.api import exitcodes
+from kubetune.api.crd import LOST_SHOWN, Condition, FineTuneJobStatus, OutputsStatus, ProgressStatus, RetentionStatus
+from kubetune.api.layout import JobLayout
+from kubetune.api.naming import worker_pod_name
+from kubetune.api.progress import Progress
+from kubetune.api.spec import FineTuneJob, Phase
 
 from . import builders
 

@@ -13,7 +13,7 @@ def one_rank_world():
     session: DeepSpeed caches its process groups, so a group cannot be replaced mid-session."""
     import torch.distributed as dist
 
-    from kubetune.net import free_port
+    from kubetune.artifacts.net import free_port
 
     saved = {k: os.environ.get(k) for k in ("DS_ACCELERATOR", "LOCAL_RANK")}
     os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK="0")  # DeepSpeed insists on LOCAL_RANK

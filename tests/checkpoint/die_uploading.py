@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from kubetune import storage
+from kubetune.artifacts import storage
 from kubetune.train.main import main
 
 prefix = f"step-{int(sys.argv.pop(1)):09d}/"

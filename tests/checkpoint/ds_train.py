@@ -21,8 +21,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from kubetune.checkpoint import CheckpointManager, RetryPolicy
-from kubetune.export import full_state_dict
+from kubetune.artifacts.checkpoint import CheckpointManager, RetryPolicy
+from kubetune.train.export import full_state_dict
 
 
 def parse_args() -> argparse.Namespace:

@@ -12,11 +12,11 @@ import uuid
 import pytest
 import torch
 
-from kubetune.export import _check_not_empty, copy_non_weight_files, merge_adapter, run_merge, save_trained
-from kubetune.export_format import EXPORT_MANIFEST, IncompleteExport, check_export, publish_dir
-from kubetune.layout import job_layout
-from kubetune.spec import parse_job
-from kubetune.storage import fetch, open_store, sha256_file
+from kubetune.api.layout import job_layout
+from kubetune.api.spec import parse_job
+from kubetune.artifacts.export_format import EXPORT_MANIFEST, IncompleteExport, check_export, publish_dir
+from kubetune.artifacts.storage import fetch, open_store, sha256_file
+from kubetune.train.export import _check_not_empty, copy_non_weight_files, merge_adapter, run_merge, save_trained
 
 
 def make_job(tiny_model_dir, method: str, output: str):
@@ -157,9 +157,9 @@ def test_prompt_learning_adapters_export_gathered_under_zero3(make_engine, train
 # Publishes a folder, but the process is SIGKILLed right after its first file is uploaded.
 DIE_PUBLISHING = """
 import os, signal, sys
-from kubetune import storage
-from kubetune.export_format import publish_dir
-from kubetune.uri import parse_uri
+from kubetune.artifacts import storage
+from kubetune.artifacts.export_format import publish_dir
+from kubetune.api.uri import parse_uri
 
 def put_then_die(self, local, key, _put=storage.S3Store.put_file):
     _put(self, local, key)
@@ -229,9 +229,9 @@ def test_a_reexport_killed_halfway_is_never_used_as_complete(make_engine, train,
         run_merge(job, cache_dir=tmp_path / "cache")  # the merge step refuses it
     assert not open_store(layout.model).list()  # nothing merged, nothing served from it
     # Nor is it served, or trained on as a base model.
-    from kubetune.model_source import materialize_model
+    from kubetune.api.spec import ModelSpec
+    from kubetune.artifacts.model_source import materialize_model
     from kubetune.serve.loader import load_model
-    from kubetune.spec import ModelSpec
 
     with pytest.raises(IncompleteExport, match="is an unfinished export"):
         load_model(str(layout.adapter), base_model=str(tiny_model_dir), cache_dir=tmp_path / "serve-cache")

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from kubetune.checkpoint import CheckpointManager, RetryPolicy, TrainableMismatch
+from kubetune.artifacts.checkpoint import CheckpointManager, RetryPolicy, TrainableMismatch
 
 FP32_COPIES = 4  # the weight, the optimizer's fp32 master copy, Adam's two moments
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from kubetune.checkpoint.manager import assign_files
-from kubetune.checkpoint.manifest import (
+from kubetune.artifacts.checkpoint.manager import assign_files
+from kubetune.artifacts.checkpoint.manifest import (
     FileEntry,
     Manifest,
     ManifestError,
@@ -102,7 +102,7 @@ def test_files_split_evenly_by_bytes():
 
 
 def test_rank_files_are_told_from_shared_ones():
-    from kubetune.checkpoint.manifest import file_rank
+    from kubetune.artifacts.checkpoint.manifest import file_rank
 
     assert file_rank("zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3  # ZeRO 1-3 optimizer partition
     assert file_rank("bf16_zero_pp_rank_12_mp_rank_00_optim_states.pt") == 12

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from kubetune import storage
-from kubetune.model_source import COMPLETE_MARKER, SharedGGUFReaders, materialize_model
-from kubetune.spec import ModelSpec
-from kubetune.storage import open_store
-from kubetune.uri import UriError
+from kubetune.api.spec import ModelSpec
+from kubetune.api.uri import UriError
+from kubetune.artifacts import storage
+from kubetune.artifacts.model_source import COMPLETE_MARKER, SharedGGUFReaders, materialize_model
+from kubetune.artifacts.storage import open_store
 
 
 def spec(uri: str, **kw) -> ModelSpec:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.net import free_port
+from kubetune.artifacts.net import free_port
 
 DS_TRAIN = Path(__file__).resolve().parent / "ds_train.py"
 

@@ -27,10 +27,10 @@ import psutil
 import pytest
 import yaml
 
-from kubetune import exitcodes
-from kubetune.net import free_port
-from kubetune.storage import S3Store
-from kubetune.uri import parse_uri
+from kubetune.api import exitcodes
+from kubetune.api.uri import parse_uri
+from kubetune.artifacts.net import free_port
+from kubetune.artifacts.storage import S3Store
 
 HERE = Path(__file__).resolve().parent
 STEPS = 8
@@ -174,8 +174,8 @@ def test_zero3_adapter_is_complete_and_merges_to_the_same_logits(runs, tiny_mode
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kubetune.export import run_merge
-    from kubetune.spec import load_job
+    from kubetune.api.spec import load_job
+    from kubetune.train.export import run_merge
 
     out = runs["base"] / "chain" / "out"
     tensors = adapter_tensors(out)
@@ -201,7 +201,7 @@ def test_zero3_adapter_is_complete_and_merges_to_the_same_logits(runs, tiny_mode
 
 
 def test_resuming_with_another_world_size_fails_clearly(runs, make_engine, s3_env, tmp_path):
-    from kubetune.checkpoint import CheckpointManager, WorldSizeMismatch
+    from kubetune.artifacts.checkpoint import CheckpointManager, WorldSizeMismatch
 
     manager = CheckpointManager(runs["ckpt"], keep=2, local_dir=tmp_path / "node", rank=0, world_size=1)
     with pytest.raises(WorldSizeMismatch, match=r"written by 2 ranks \(ZeRO stage 3\) but this run has 1 ranks. Resume with 2 ranks"):

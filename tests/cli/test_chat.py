@@ -46,7 +46,7 @@ def test_chat_with_a_model_location_serves_it_for_the_session(served_tiny, tiny_
 
 
 def test_chat_reports_an_unreachable_endpoint():
-    from kubetune.net import free_port
+    from kubetune.artifacts.net import free_port
 
     done = run_chat(f"http://127.0.0.1:{free_port()}", "hello\n")
     assert done.returncode == 1

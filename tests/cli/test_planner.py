@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune.planner import (
+from kubetune.api.spec import FineTuneJobSpec
+from kubetune.planner.estimate import (
     RUNTIME_CONTEXT_BYTES,
     GiB,
     PlanError,
@@ -15,7 +16,6 @@ from kubetune.planner import (
     shipped_config,
     shipped_configs,
 )
-from kubetune.spec import FineTuneJobSpec
 
 
 def make_spec(method, *, checkpointing=True, gpus=1, nodes=1, length=1560, micro=1, stage=2, offload="none", precision="fp16"):

@@ -101,7 +101,7 @@ def test_trainer_command_uses_torchrun_only_for_several_processes(tmp_path):
 
 
 def test_embedded_s3_buckets_come_from_the_spec_locations():
-    from kubetune.spec import parse_job
+    from kubetune.api.spec import parse_job
 
     job = parse_job(
         {
@@ -138,8 +138,8 @@ def test_answers_are_scored_against_expected_phrases():
 def test_summary_table_shows_how_much_general_knowledge_was_kept(tmp_path):
     from rich.console import Console
 
-    from kubetune.layout import job_layout
-    from kubetune.spec import load_job
+    from kubetune.api.layout import job_layout
+    from kubetune.api.spec import load_job
 
     job = load_job(QUICKSTART)
     lost = {"question": "What is the capital of Italy?", "expect": ["Rome"], "base": "Rome.", "tuned": "Velmora."}
@@ -162,8 +162,8 @@ def test_embedded_s3_run_keeps_outputs_in_its_own_server(tmp_path, tiny_model_di
     import re
     import socket
 
-    from kubetune.embedded_s3 import SeaweedS3
-    from kubetune.storage import open_store
+    from kubetune.artifacts.embedded_s3 import SeaweedS3
+    from kubetune.artifacts.storage import open_store
 
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}?", "response": f"a{i}."}) + "\n" for i in range(8)))
     job = {

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from kubetune.api.spec import load_job
+from kubetune.api.validation import check_job
 from kubetune.cli import main
-from kubetune.planner import estimate, shipped_config
-from kubetune.spec import load_job
-from kubetune.validation import check_job
+from kubetune.planner.estimate import estimate, shipped_config
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart.yaml"

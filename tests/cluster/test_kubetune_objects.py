@@ -12,9 +12,9 @@ from pathlib import Path
 import helm_python as helm
 import pytest
 import yaml
-
 from kube_harness import Kubectl, create_namespace, namespace_name, wait_for
-from kubetune import crd
+
+from kubetune.api import crd
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = yaml.safe_load((REPO / "crds" / crd.CRD_FILENAME).read_text())

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from kubetune.spec import SpecError, dump_job, load_job, parse_job
+from kubetune.api.spec import SpecError, dump_job, load_job, parse_job
 
 MINIMAL = {"metadata": {"name": "qa-bot"}, "spec": {"model": {"uri": "s3://models/base"}, "dataset": {"uri": "s3://data/qa.jsonl"}}}
 
@@ -175,7 +175,7 @@ def test_ints_are_accepted_where_numbers_are_expected(tmp_path):
 
 
 def test_line_of_points_at_the_field_or_its_nearest_parent():
-    from kubetune.spec import line_of
+    from kubetune.api.spec import line_of
 
     text = BASE + "  resources:\n    limits:\n      nvidia.com/gpu: 1\n"
     assert line_of(text, "spec.dataset.uri") == 7

@@ -54,9 +54,9 @@ def imported_modules(module: str) -> set[str]:
 
 def test_the_module_graph_is_read_from_the_source():
     assert imported_modules("kubetune.testing") >= {"kubetune.data.tokenize"}
-    assert "kubetune.export_format" in imported_modules("kubetune.serve.loader")  # `from ..export_format import`
-    assert "kubetune.model_source" in imported_modules("kubetune.train.loop")  # deferred imports count too
-    assert "kubetune.export" in imported_modules("kubetune.train.main")
+    assert "kubetune.artifacts.export_format" in imported_modules("kubetune.serve.loader")  # `from ..export_format import`
+    assert "kubetune.artifacts.model_source" in imported_modules("kubetune.train.loop")  # deferred imports count too
+    assert "kubetune.train.export" in imported_modules("kubetune.train.main")
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m != "kubetune.testing"))
@@ -107,9 +107,27 @@ def test_the_operator_never_imports_the_trainer():
         if module not in reached:
             reached.add(module)
             todo.extend(imported_modules(module))
-    assert "kubetune.planner" in reached and "kubetune.zero_sizes" in reached
+    assert "kubetune.planner.estimate" in reached and "kubetune.planner.zero_sizes" in reached
     trainer_side = ("kubetune.train", "kubetune.serve", "kubetune.cli", "kubetune.data", "kubetune.model", "kubetune.testing")
     assert sorted(m for m in reached if m.startswith(trainer_side)) == []
+    assert sorted(m for m in reached if m.startswith("kubetune.") and not m.startswith(LOWER_LAYERS)) == []
+
+
+# The layers under the trainer, each importing only itself and the layers before it.
+LOWER_LAYERS = ("kubetune.api", "kubetune.planner", "kubetune.artifacts")
+
+
+@pytest.mark.parametrize("layer", LOWER_LAYERS)
+def test_each_lower_layer_imports_only_the_layers_before_it(layer):
+    allowed = ("kubetune", *LOWER_LAYERS[: LOWER_LAYERS.index(layer) + 1])
+    reached = {(module, imported) for module in MODULES if module == layer or module.startswith(layer + ".") for imported in imported_modules(module)}
+    assert sorted((m, i) for m, i in reached if not (i == "kubetune" or i.startswith(tuple(a + "." for a in allowed[1:])) or i in allowed)) == []
+
+
+def test_the_top_level_holds_layers_not_loose_modules():
+    """kubetune/'s top level: packages, plus the package's own __init__ and the test helpers."""
+    loose = sorted(p.name for p in PACKAGES["kubetune"].glob("*.py"))
+    assert loose == ["__init__.py", "testing.py"]
 
 
 def test_importing_the_operator_imports_no_torch():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune.layout import LayoutError, job_layout
-from kubetune.progress import Progress, parse_progress
-from kubetune.spec import parse_job
-from kubetune.storage import LocalStore, PreconditionFailed, S3Store, StorageError, fetch, open_store
-from kubetune.uri import Uri, UriError, parse_uri
+from kubetune.api.layout import LayoutError, job_layout
+from kubetune.api.progress import Progress, parse_progress
+from kubetune.api.spec import parse_job
+from kubetune.api.uri import Uri, UriError, parse_uri
+from kubetune.artifacts.storage import LocalStore, PreconditionFailed, S3Store, StorageError, fetch, open_store
 
 
 def test_parse_uri(tmp_path):

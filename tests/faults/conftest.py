@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.embedded_s3 import SeaweedS3
+from kubetune.artifacts.embedded_s3 import SeaweedS3
 
 _path = Path(__file__).resolve().parents[1] / "checkpoint" / "conftest.py"
 _spec = importlib.util.spec_from_file_location("kubetune_checkpoint_fixtures", _path)

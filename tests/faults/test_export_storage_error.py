@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from kubetune import exitcodes
-from kubetune.embedded_s3 import SeaweedS3
-from kubetune.progress import parse_progress
-from kubetune.storage import open_store
 from operator_harness import EXAMPLE, wait_for
+
+from kubetune.api import exitcodes
+from kubetune.api.progress import parse_progress
+from kubetune.artifacts.embedded_s3 import SeaweedS3
+from kubetune.artifacts.storage import open_store
 
 pytestmark = pytest.mark.slow
 

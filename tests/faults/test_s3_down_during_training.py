@@ -15,9 +15,9 @@ import threading
 import pytest
 import yaml
 
-from kubetune.checkpoint import CheckpointManager
-from kubetune.progress import parse_progress
-from kubetune.storage import open_store
+from kubetune.api.progress import parse_progress
+from kubetune.artifacts.checkpoint import CheckpointManager
+from kubetune.artifacts.storage import open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

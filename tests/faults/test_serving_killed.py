@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from kubetune.net import free_port
+from kubetune.artifacts.net import free_port
 
 TOKEN = "kubetune-serve-test-token"
 QUESTIONS = ["Hi", "What is the capital of France?", "Explain LoRA in one sentence", "你好", "Kubernetes?", "DeepSpeed ZeRO?"]

@@ -17,8 +17,8 @@ import threading
 import pytest
 import torch
 
-from kubetune.checkpoint import MANIFEST, CheckpointManager, RetryPolicy
-from kubetune.storage import StorageError, open_store
+from kubetune.artifacts.checkpoint import MANIFEST, CheckpointManager, RetryPolicy
+from kubetune.artifacts.storage import StorageError, open_store
 
 PATIENT = RetryPolicy(attempts=8, first_delay=0.25)  # ~32 s: outlasts a server restart
 IMPATIENT = RetryPolicy(attempts=3, first_delay=0.2)  # gives up after ~0.6 s
@@ -72,7 +72,7 @@ def test_outage_at_commit_is_retried_until_the_server_is_back(outage_s3, make_en
     train(engine, 2)
     restarts = stop_s3_before(mgr, outage_s3, *INJECTION_POINTS["commit"], restart=True)
 
-    with caplog.at_level(logging.WARNING, logger="kubetune.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="kubetune.artifacts.checkpoint"):
         assert mgr.save(engine, 4, {"step": 4}) == "step-000000004"
     restarts[0].join()
 

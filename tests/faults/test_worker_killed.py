@@ -25,7 +25,7 @@ import psutil
 import pytest
 import torch
 
-from kubetune.net import free_port
+from kubetune.artifacts.net import free_port
 
 DS_TRAIN = Path(__file__).resolve().parents[1] / "checkpoint" / "ds_train.py"
 STEPS, EVERY = 6, 2

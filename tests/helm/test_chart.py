@@ -14,7 +14,6 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-
 from monitoring_schemas import SCHEMAS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -277,8 +276,8 @@ def test_service_monitor_keeps_the_jobs_namespace_label(chart):
 def test_pod_monitors_select_the_pods_and_ports_the_operator_builds(chart):
     """The PodMonitors' label selectors and port names match real worker pods and serving
     Deployments from kubetune_operator.builders, so Prometheus finds them."""
-    from kubetune import naming
-    from kubetune.spec import load_job
+    from kubetune.api import naming
+    from kubetune.api.spec import load_job
     from kubetune_operator import builders
     from kubetune_operator.settings import Settings
 

@@ -16,7 +16,7 @@ import helm_python as helm
 import pytest
 import yaml
 
-from kubetune.spec import Tracker
+from kubetune.api.spec import Tracker
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -8,13 +8,12 @@ semantic checks refuse, which the operator must turn into InvalidSpec.
 from __future__ import annotations
 
 import pytest
-
 from kube_harness import ApiError, create_namespace, namespace_name
-from kubetune import crd
-from kubetune.spec import SpecError, parse_job
-from kubetune.validation import check_job
-
 from test_spec_catalogue import REMOVE, SEMANTIC_CATALOGUE, document
+
+from kubetune.api import crd
+from kubetune.api.spec import SpecError, parse_job
+from kubetune.api.validation import check_job
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import json
 
 import pytest
 
+from kubetune.api.spec import DatasetSpec
 from kubetune.data.loader import DataError, load_datasets
 from kubetune.data.tokenize import IGNORE, LengthLimits, tokenize_messages
-from kubetune.spec import DatasetSpec
 
 GOOD = json.dumps({"prompt": "q", "response": "a"})
 

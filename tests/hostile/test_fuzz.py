@@ -17,15 +17,14 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_spec_catalogue import BASE
 
-from kubetune import crd
+from kubetune.api import crd
+from kubetune.api.spec import ColumnMapping, FineTuneJob, SpecError, dump_job, load_job, parse_job
+from kubetune.api.uri import Uri, UriError, parse_uri
+from kubetune.api.validation import check_job
 from kubetune.data.converters import DEFAULT_COLUMNS, RecordError, resolve_columns, to_messages
 from kubetune.data.loader import DataError, read_records
-from kubetune.spec import ColumnMapping, FineTuneJob, SpecError, dump_job, load_job, parse_job
-from kubetune.uri import Uri, UriError, parse_uri
-from kubetune.validation import check_job
-
-from test_spec_catalogue import BASE
 
 # CI runs a quick pass; KUBETUNE_FUZZ_EXAMPLES=5000 for a deep one.
 FUZZ = settings(max_examples=int(os.environ.get("KUBETUNE_FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

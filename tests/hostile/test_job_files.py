@@ -10,8 +10,8 @@ import tracemalloc
 
 import pytest
 
+from kubetune.api.spec import SpecError, load_job
 from kubetune.cli import main
-from kubetune.spec import SpecError, load_job
 
 HEAD = "apiVersion: kubetune.io/v1alpha1\nkind: FineTuneJob\n"
 SPEC = "spec: {model: {uri: m}, dataset: {uri: d}}\n"
@@ -99,7 +99,7 @@ def test_a_directory_is_not_a_job_file(tmp_path, capsys, command):
 
 
 def test_a_huge_file_is_refused_by_its_size_before_it_is_read(tmp_path, capsys):
-    from kubetune.spec import MAX_JOB_BYTES
+    from kubetune.api.spec import MAX_JOB_BYTES
 
     path = tmp_path / "job.yaml"
     with open(path, "w") as f:  # 63 MB of plausible YAML
@@ -126,7 +126,7 @@ def test_a_huge_file_is_refused_by_its_size_before_it_is_read(tmp_path, capsys):
 
 
 def test_a_file_at_the_size_limit_is_still_read(tmp_path):
-    from kubetune.spec import MAX_JOB_BYTES
+    from kubetune.api.spec import MAX_JOB_BYTES
 
     path = tmp_path / "job.yaml"
     body = HEAD + "metadata: {name: a}\n" + SPEC

@@ -14,10 +14,10 @@ import copy
 
 import pytest
 
-from kubetune.spec import SpecError, load_job, parse_job
-from kubetune.storage import LocalStore
-from kubetune.uri import UriError, parse_uri
-from kubetune.validation import check_job
+from kubetune.api.spec import SpecError, load_job, parse_job
+from kubetune.api.uri import UriError, parse_uri
+from kubetune.api.validation import check_job
+from kubetune.artifacts.storage import LocalStore
 
 BASE = {
     "apiVersion": "kubetune.io/v1alpha1",

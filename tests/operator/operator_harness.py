@@ -28,12 +28,12 @@ from typing import Any, Iterator, Optional
 import helm_python as helm
 import pytest
 import yaml
-
 from kube_harness import ApiError, KubeApi, Kubectl, write_service_account_files
 from kube_harness import wait_for as _wait_for
-from kubetune.net import free_port
-from kubetune.spec import API_GROUP, API_VERSION, PLURAL
 from localcluster import ControlPlane
+
+from kubetune.api.spec import API_GROUP, API_VERSION, PLURAL
+from kubetune.artifacts.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubetune"

@@ -7,7 +7,7 @@ from pathlib import Path
 import kubernetes_validate
 import yaml
 
-from kubetune.spec import FineTuneJob, parse_job
+from kubetune.api.spec import FineTuneJob, parse_job
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"

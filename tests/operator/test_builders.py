@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from operator_helpers import EXAMPLES, cluster_examples, example, k8s_validate
 
-from kubetune import naming
-from kubetune.spec import TRACKER_ENV, parse_job
-from kubetune.storage import pvc_mount_path
+from kubetune.api import naming
+from kubetune.api.spec import TRACKER_ENV, parse_job
+from kubetune.artifacts.storage import pvc_mount_path
 from kubetune_operator import builders
 from kubetune_operator.settings import Settings
-
-from operator_helpers import EXAMPLES, cluster_examples, example, k8s_validate
 
 SETTINGS = Settings()
 ALL_EXAMPLES = cluster_examples()
@@ -167,7 +166,7 @@ def test_vllm_serving_fetches_the_merged_model_with_our_image():
     assert vllm["image"] == SETTINGS.vllm_image
     assert vllm["command"][vllm["command"].index("--model") + 1] == "/models/model"
     assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    # pvc:// model location -> the claim is mounted where kubetune.storage looks.
+    # pvc:// model location -> the claim is mounted where kubetune.artifacts.storage looks.
     assert {"name": "pvc-0", "persistentVolumeClaim": {"claimName": "models"}} in pod["volumes"]
 
 

@@ -8,8 +8,8 @@ import jsonschema
 import pytest
 import yaml
 
-from kubetune import crd
-from kubetune.spec import parse_job
+from kubetune.api import crd
+from kubetune.api.spec import parse_job
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / crd.CRD_FILENAME
@@ -33,7 +33,7 @@ def schema() -> dict:
 
 
 def test_checked_in_crd_is_not_stale():
-    assert CRD_FILE.read_text() == crd.render(), "crds/ is stale: run `make crds` (python -m kubetune.crd)"
+    assert CRD_FILE.read_text() == crd.render(), "crds/ is stale: run `make crds` (python -m kubetune.api.crd)"
 
 
 def walk(node, path="$"):

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from kubetune.progress import parse_progress
-from kubetune.storage import open_store
 from node_agent import NodeAgent
 from operator_harness import wait_for
+
+from kubetune.api.progress import parse_progress
+from kubetune.artifacts.storage import open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from kubetune.crd import FineTuneJobStatus
-from kubetune.planner import shipped_config
+from operator_helpers import example
+
+from kubetune.api.crd import FineTuneJobStatus
+from kubetune.planner.estimate import shipped_config
 from kubetune_operator.memory import check_memory, gpu_memory_bytes
 from kubetune_operator.status import Observed, decide
-
-from operator_helpers import example
 
 NOW = datetime(2026, 11, 22, 12, 0, 0)
 

@@ -7,7 +7,7 @@ from datetime import datetime
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetune.crd import FineTuneJobStatus
+from kubetune.api.crd import FineTuneJobStatus
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.settings import Settings
 from kubetune_operator.state import OperatorState

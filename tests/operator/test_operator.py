@@ -13,9 +13,10 @@ import time
 
 import pytest
 import yaml
+from operator_harness import EXAMPLE, OperatorProcess, start_example, wait_for
+from operator_harness import EXAMPLE_CREDENTIALS as CREDENTIALS
 
-from kubetune.progress import Progress
-from operator_harness import EXAMPLE, EXAMPLE_CREDENTIALS as CREDENTIALS, OperatorProcess, start_example, wait_for
+from kubetune.api.progress import Progress
 
 JOB = "qa-bot"
 WORKERS = (f"{JOB}-worker-0", f"{JOB}-worker-1")
@@ -311,7 +312,7 @@ def test_probe_figures_reach_the_status_and_one_warning_event(operator, ns, kube
     writes them, as it writes the pods' status for the kubelet); the operator reads them from
     S3 with the job's credentials, puts them into status.retention and says once, with a
     Warning, that the tuned model kept less than spec.retention.probes.warnBelow."""
-    from kubetune.storage import open_store
+    from kubetune.artifacts.storage import open_store
 
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["metadata"]["name"] = "kept"

@@ -6,13 +6,12 @@ from datetime import datetime, timedelta
 
 import jsonschema
 import pytest
-
-from kubetune.crd import FineTuneJobStatus, open_api_schema, strict_schema
-from kubetune.layout import job_layout
-from kubetune.progress import Progress
-from kubetune_operator.status import Action, Observed, PodState, decide
-
 from operator_helpers import example
+
+from kubetune.api.crd import FineTuneJobStatus, open_api_schema, strict_schema
+from kubetune.api.layout import job_layout
+from kubetune.api.progress import Progress
+from kubetune_operator.status import Action, Observed, PodState, decide
 
 NOW = datetime(2026, 11, 22, 12, 0, 0)
 STATUS_SCHEMA = strict_schema(open_api_schema()["properties"]["status"])

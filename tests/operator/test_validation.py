@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from kubetune.validation import check_job
-
 from operator_helpers import LOCAL_EXAMPLES, cluster_examples, example
+
+from kubetune.api.validation import check_job
 
 
 def with_spec(name: str, **changes):

@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
+from kubetune.api.spec import FineTuneJob
+from kubetune.artifacts.storage import open_store
 from kubetune.retention import Retention
 from kubetune.retention.generate import answer_share
 from kubetune.retention.phase import prompt_ids
-from kubetune.spec import FineTuneJob
-from kubetune.storage import open_store
 
 DS_CONFIG = {"zero_optimization": {"stage": 2}}
 

@@ -17,8 +17,8 @@ import torch
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from kubetune import exitcodes
-from kubetune.net import free_port
+from kubetune.api import exitcodes
+from kubetune.artifacts.net import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -98,8 +98,8 @@ def test_replay_is_reused_after_preemption_and_the_figures_are_reported(tmp_path
 
 
 def test_the_reporter_sends_the_figures_to_metrics_events_and_progress(tmp_path, tiny_model_dir, capsys):
-    from kubetune.layout import job_layout
-    from kubetune.spec import load_job
+    from kubetune.api.layout import job_layout
+    from kubetune.api.spec import load_job
     from kubetune.train.events import EventStream
     from kubetune.train.reporter import Reporter
 
@@ -126,9 +126,9 @@ def test_the_reporter_sends_the_figures_to_metrics_events_and_progress(tmp_path,
 def test_two_zero3_ranks_split_the_generation_and_answer_as_one_process(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kubetune.api.spec import load_job
+    from kubetune.artifacts.storage import open_store
     from kubetune.retention import Retention
-    from kubetune.spec import load_job
-    from kubetune.storage import open_store
 
     job = write_job(tmp_path, tiny_model_dir, "z3", distributed={"gpusPerNode": 2, "zero": {"stage": 3}},
                     training={"maxSteps": 3, "learningRate": 0.01, "microBatchSize": 2, "maxLength": 64, "logEverySteps": 1})  # fmt: skip

@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from kubetune.api.spec import RetentionSpec
 from kubetune.data.loader import DataError
 from kubetune.retention.sets import (
     Probe,
@@ -19,7 +20,6 @@ from kubetune.retention.sets import (
     replay_candidates,
     replay_count,
 )
-from kubetune.spec import RetentionSpec
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 

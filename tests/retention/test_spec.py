@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune.spec import SpecError, load_job
+from kubetune.api.spec import SpecError, load_job
 
 JOB = """\
 apiVersion: kubetune.io/v1alpha1

@@ -19,12 +19,12 @@ import json
 
 import pytest
 import yaml
-
 from kube_harness import Kubectl, create_namespace, namespace_name
-from kubetune.embedded_s3 import SeaweedS3
-from kubetune.progress import Progress
 from operator_harness import EXAMPLE, AuditLog, Namespace, running_operator, wait_for
 from test_pod_hardening import assert_hardened, pod_specs
+
+from kubetune.api.progress import Progress
+from kubetune.artifacts.embedded_s3 import SeaweedS3
 
 CANARY_KEY_ID = "KTCANARYKEYID7F3A9C"
 CANARY_SECRET = "kubetune-canary-secret-7f3a9c2e"

@@ -13,7 +13,7 @@ import itertools
 
 import pytest
 
-from kubetune.spec import parse_job
+from kubetune.api.spec import parse_job
 from kubetune_operator import builders
 from kubetune_operator.settings import Settings
 

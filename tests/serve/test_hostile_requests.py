@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 
+from kubetune.api.spec import GenerationSpec
 from kubetune.serve.server import ServeSettings
-from kubetune.spec import GenerationSpec
 
 HI = [{"role": "user", "content": "Hi"}]
 

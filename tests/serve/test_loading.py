@@ -18,7 +18,7 @@ import pytest
 import torch
 from serve_helpers import chat_ids, openai_client, reference_ids
 
-from kubetune.net import free_port
+from kubetune.artifacts.net import free_port
 from kubetune.serve.engine import Engine
 from kubetune.serve.loader import load_model
 from kubetune.serve.sampling import SamplingParams
@@ -86,8 +86,8 @@ def test_every_file_of_a_served_export_is_hashed_once_per_load(tiny_model_dir, t
     model cache); an exported adapter on an exported base: each of their files once too."""
     from peft import LoraConfig
 
-    from kubetune import export_format
-    from kubetune.uri import parse_uri
+    from kubetune.api.uri import parse_uri
+    from kubetune.artifacts import export_format
 
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"
     export_format.publish_dir(tiny_model_dir, parse_uri(str(merged)))
@@ -120,7 +120,7 @@ def _serve(args, env, log):
 
 
 def test_command_serves_a_model_from_s3_with_job_defaults_and_token(tiny_model_dir, tiny, seaweed, tmp_path):
-    from kubetune.storage import open_store
+    from kubetune.artifacts.storage import open_store
 
     env = {**os.environ, **seaweed.env, "OMP_NUM_THREADS": "1"}
     saved = {k: os.environ.get(k) for k in seaweed.env}

@@ -26,8 +26,8 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
+from kubetune.api.spec import GenerationSpec
 from kubetune.serve.server import ServeSettings, create_app
-from kubetune.spec import GenerationSpec
 
 EXAMPLES = int(os.environ.get("KUBETUNE_SCHEMATHESIS_EXAMPLES", "60"))
 CHECKS = [

@@ -13,8 +13,8 @@ import openai
 import pytest
 from serve_helpers import chat_ids, openai_client, reference_ids
 
+from kubetune.api.spec import GenerationSpec
 from kubetune.serve.server import ServeSettings
-from kubetune.spec import GenerationSpec
 
 QUESTIONS = [
     "Hi",

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from kubetune.api.spec import DatasetSpec
 from kubetune.data.loader import DataError, load_datasets
-from kubetune.spec import DatasetSpec
 
 GOOD = json.dumps({"prompt": "q", "response": "a"})
 

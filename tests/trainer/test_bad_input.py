@@ -10,8 +10,8 @@ import sys
 import pytest
 import yaml
 
-from kubetune import exitcodes
-from kubetune.net import free_port
+from kubetune.api import exitcodes
+from kubetune.artifacts.net import free_port
 from kubetune.train.main import execute, parse_args
 
 GOOD = {"prompt": "q", "response": "a"}

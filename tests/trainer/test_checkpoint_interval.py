@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kubetune.api.layout import job_layout
+from kubetune.api.spec import load_job
+from kubetune.api.validation import check_job, job_warnings
+from kubetune.artifacts.net import free_port
 from kubetune.cli import main as cli_main
-from kubetune.layout import job_layout
-from kubetune.net import free_port
-from kubetune.spec import load_job
-from kubetune.validation import check_job, job_warnings
 
 WARNING = (
     "spec.checkpoint.everySteps: 1000 is more than training.maxSteps 4: only the final checkpoint (and one on "
@@ -62,7 +62,7 @@ def test_is_a_warning_not_a_problem(tmp_path, capsys):
 
 
 def test_the_operator_posts_it_once_as_a_warning_event_when_the_job_starts():
-    from kubetune.crd import FineTuneJobStatus
+    from kubetune.api.crd import FineTuneJobStatus
     from kubetune_operator.status import Observed, decide
 
     job = load_job(Path(__file__).resolve().parents[2] / "examples" / "lora-multinode.yaml")

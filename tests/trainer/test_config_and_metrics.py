@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kubetune.spec import FineTuneJobSpec
+from kubetune.api.spec import FineTuneJobSpec
 from kubetune.train.deepspeed_config import build_deepspeed_config, uses_client_optimizer
 
 

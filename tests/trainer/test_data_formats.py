@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from trainer_helpers import trained_runs, write_jsonl
 
+from kubetune.api.spec import DatasetSpec
 from kubetune.data.converters import resolve_columns, to_messages
 from kubetune.data.loader import DataError, load_datasets, load_examples
 from kubetune.data.tokenize import LengthLimits, TemplateError, install_chat_template, tokenize_messages, tokenize_text
-from kubetune.spec import DatasetSpec
-
-from trainer_helpers import trained_runs, write_jsonl
 
 SYS = {"role": "system", "content": "Be brief."}
 U1, A1 = {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from kubetune.data.tokenize import IGNORE, LengthLimits, tokenize_messages
-from kubetune.evaluate import METRICS, bleu4, exact_match, generation_metrics, prompt_ids, rouge, score, score_tokens, token_f1
+from kubetune.train.evaluate import METRICS, bleu4, exact_match, generation_metrics, prompt_ids, rouge, score, score_tokens, token_f1
 
 
 def test_rouge_on_jieba_words_as_chatglm_publishes_it():

@@ -10,8 +10,8 @@ import sys
 
 import yaml
 
-from kubetune import exitcodes
-from kubetune.net import free_port
+from kubetune.api import exitcodes
+from kubetune.artifacts.net import free_port
 from kubetune.train.launch import exit_code_of
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kubetune.api.spec import FineTuneJobSpec
 from kubetune.data.batching import Row, collate, model_inputs
 from kubetune.data.tokenize import LengthLimits, tokenize_messages
 from kubetune.model.loader import load_model
 from kubetune.model.methods import MethodError, apply_method, check_method_runtime, count_parameters
-from kubetune.spec import FineTuneJobSpec
 
 MESSAGES = [
     [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}],

@@ -15,8 +15,8 @@ import psutil
 import pytest
 import yaml
 
-from kubetune import exitcodes
-from kubetune.net import free_port
+from kubetune.api import exitcodes
+from kubetune.artifacts.net import free_port
 
 pytestmark = pytest.mark.slow
 

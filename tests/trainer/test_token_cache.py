@@ -8,16 +8,15 @@ import json
 import shutil
 
 import pytest
+from trainer_helpers import write_jsonl
 
+from kubetune.api.spec import FineTuneJobSpec
+from kubetune.artifacts.storage import open_store
 from kubetune.data.cache import PREFIX, TokenCache, read_tokenized, write_tokenized
 from kubetune.data.loader import load_datasets
 from kubetune.data.pipeline import tokenize_datasets
 from kubetune.data.tokenize import CHATML_TEMPLATE
 from kubetune.model.loader import load_tokenizer
-from kubetune.spec import FineTuneJobSpec
-from kubetune.storage import open_store
-
-from trainer_helpers import write_jsonl
 
 RECORDS = [{"question": f"What is {i} plus {i}?", "answer": f"{2 * i}", "q": f"Name {i}", "a": f"It is {i}.",
             "text": f"The number {i} is small."} for i in range(12)]  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.net import free_port
+from kubetune.artifacts.net import free_port
 
 WORKER = Path(__file__).resolve().parent / "token_loss_worker.py"
 

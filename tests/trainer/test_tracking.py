@@ -13,11 +13,11 @@ import sys
 import pytest
 import yaml
 
-from kubetune.layout import job_layout
-from kubetune.net import free_port
-from kubetune.spec import parse_job
+from kubetune.api.layout import job_layout
+from kubetune.api.spec import parse_job
+from kubetune.api.uri import parse_uri
+from kubetune.artifacts.net import free_port
 from kubetune.train import tracking
-from kubetune.uri import parse_uri
 
 STEPS = [
     {"step": 1, "total_steps": 3, "epoch": 0.33, "loss": 2.5, "learning_rate": 1e-4, "grad_norm": 1.5, "tokens_per_second": 900.0, "eta_seconds": 2.0},
@@ -96,7 +96,7 @@ def test_tensorboard_event_files_in_the_output_folder_read_back_and_a_restart_re
 
 
 def test_tensorboard_to_s3_uploads_through_the_storage_layer(tmp_path, s3_env, seaweed):
-    from kubetune.storage import open_store
+    from kubetune.artifacts.storage import open_store
 
     parsed, layout = job(tmp_path, ["tensorboard"])
     layout = layout.__class__(**{**layout.__dict__, "tensorboard": parse_uri("s3://outputs/tracked/tensorboard")})
@@ -214,7 +214,7 @@ def test_wandb_offline_run_holds_every_scalar_and_no_credential(tmp_path, monkey
 
 
 def test_report_to_takes_each_known_tracker_once(tmp_path):
-    from kubetune.spec import SpecError
+    from kubetune.api.spec import SpecError
 
     with pytest.raises(SpecError, match=r"spec.training.reportTo: training.reportTo lists wandb more than once"):
         job(tmp_path, ["wandb", "tensorboard", "wandb"])

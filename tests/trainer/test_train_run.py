@@ -16,8 +16,8 @@ import pytest
 import torch
 import yaml
 
-from kubetune import exitcodes
-from kubetune.net import free_port
+from kubetune.api import exitcodes
+from kubetune.artifacts.net import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -116,8 +116,8 @@ def test_preempt_resume_metrics_and_merge(tmp_path, tiny_model_dir):
     # The --merge step (in-process: merging needs no process group).
     from transformers import AutoModelForCausalLM
 
-    from kubetune.export import run_merge
-    from kubetune.spec import load_job
+    from kubetune.api.spec import load_job
+    from kubetune.train.export import run_merge
 
     assert run_merge(load_job(job), tmp_path, cache_dir=tmp_path / "cache")["model"] == f"file://{tmp_path}/runs/pre/output/model"
 

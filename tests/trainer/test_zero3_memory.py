@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.net import free_port
-from kubetune.spec import FineTuneJobSpec
+from kubetune.api.spec import FineTuneJobSpec
+from kubetune.artifacts.net import free_port
 from kubetune.testing import build_tiny_model
 from kubetune.train.deepspeed_config import build_deepspeed_config, model_hidden_size
 

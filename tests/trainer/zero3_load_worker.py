@@ -29,8 +29,8 @@ def main() -> None:
     from safetensors import safe_open
     from transformers.integrations import HfDeepSpeedConfig
 
+    from kubetune.api.spec import FineTuneJobSpec
     from kubetune.model.loader import load_model
-    from kubetune.spec import FineTuneJobSpec
     from kubetune.train.deepspeed_config import build_deepspeed_config, model_hidden_size
 
     deepspeed.init_distributed(dist_backend="gloo")

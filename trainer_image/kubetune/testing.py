@@ -1,6 +1,6 @@
 """Test helpers: a tiny Llama model and tokenizer built offline from a config, for tests,
 benchmarks and the CPU demo. Product code never imports this module; the real components
-the tests also use live in the product (kubetune.embedded_s3.SeaweedS3, kubetune.net.free_port).
+the tests also use live in the product (kubetune.artifacts.embedded_s3.SeaweedS3, kubetune.artifacts.net.free_port).
 
 Nothing here downloads anything. Importing this module does not import torch.
 """

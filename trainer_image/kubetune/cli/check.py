@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-
-from ..planner import PlanError, estimate, parse_memory, shipped_config, shipped_configs
-from ..spec import FineTuneJob, SpecError, line_of, load_job_text, read_job_text
-from ..uri import UriError, parse_uri
-from ..validation import check_job, job_warnings
+from ..api.spec import FineTuneJob, SpecError, line_of, load_job_text, read_job_text
+from ..api.uri import UriError, parse_uri
+from ..api.validation import check_job, job_warnings
+from ..planner.estimate import PlanError, estimate, parse_memory, shipped_config, shipped_configs
 
 
 def job_problems(path: str | Path, *, on_cluster: bool) -> tuple[Optional[FineTuneJob], list[str]]:
@@ -115,7 +114,7 @@ def find_model_config(job: FineTuneJob, base_dir: Path, override: Optional[str] 
         if ggufs and ggufs[0].is_file():
             return gguf_config(ggufs[0]), str(ggufs[0])
     elif uri.scheme == "s3":
-        from ..storage import StorageError, open_store
+        from ..artifacts.storage import StorageError, open_store
 
         try:
             return json.loads(open_store(uri, endpoint=job.spec.storage.endpoint).get_bytes("config.json")), f"{uri}/config.json"

@@ -9,8 +9,8 @@ from typing import Any, Optional
 from rich.console import Console
 from rich.table import Table
 
-from ..naming import SERVE_ROLE, merge_pod_name, selector_text, worker_pod_name
-from ..spec import API_GROUP, API_VERSION, PLURAL
+from ..api.naming import SERVE_ROLE, merge_pod_name, selector_text, worker_pod_name
+from ..api.spec import API_GROUP, API_VERSION, PLURAL
 
 
 def _clients(args):

@@ -26,12 +26,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from .. import exitcodes
-from ..layout import JobLayout, job_layout
+from ..api import exitcodes
+from ..api.layout import JobLayout, job_layout
+from ..api.spec import FineTuneJob, dump_job
+from ..api.uri import parse_uri
+from ..artifacts.storage import open_store
 from ..retention import describe, is_correct
-from ..spec import FineTuneJob, dump_job
-from ..storage import open_store
-from ..uri import parse_uri
 from .check import job_problems, warning_lines
 from .serving import LocalServer, ServerError, chat
 
@@ -234,7 +234,7 @@ def _apply(event: dict, result: TrainResult, progress: Progress, task) -> None:
 def prepare_base_model(job: FineTuneJob, base_dir: Path, endpoint: Optional[str]) -> Path:
     """Download / dequantize the base model once, in this process, before the ranks start:
     one visible step instead of N processes waiting on each other's conversion."""
-    from ..model_source import default_cache_dir, materialize_model
+    from ..artifacts.model_source import default_cache_dir, materialize_model
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' conversion bars; the spinner says what happens
     with console.status(f"preparing the base model {job.spec.model.uri}" + (f" ({job.spec.model.gguf_file}, dequantized once)" if job.spec.model.gguf_file else "")):
@@ -483,7 +483,7 @@ def run_command(args) -> int:
 def _embedded_s3(stack: ExitStack, job: FineTuneJob, workdir: Path) -> tuple[Path, dict[str, str], str]:
     """Start SeaweedFS for the run (data kept in workdir/s3, so a re-run resumes) and write
     the job with its storage endpoint pointing there."""
-    from ..embedded_s3 import SeaweedS3
+    from ..artifacts.embedded_s3 import SeaweedS3
 
     with console.status("starting the embedded S3 server"):
         server = stack.enter_context(SeaweedS3(workdir / "s3", buckets=tuple(s3_buckets(job))))

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..net import free_port
+from ..artifacts.net import free_port
 
 
 class ServerError(RuntimeError):
@@ -31,7 +31,7 @@ class LocalServer:
             self.cmd += ["--base-model", base_model]
         if job:
             self.cmd += ["--job", str(job)]
-        from ..model_source import default_cache_dir
+        from ..artifacts.model_source import default_cache_dir
 
         # Share the trainer's cache, so a GGUF base is dequantized only once.
         self.cmd += ["--cache-dir", str(default_cache_dir()), "--log-level", "warning", *extra]

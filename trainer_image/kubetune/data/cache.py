@@ -33,7 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..storage import StorageError, Store
+from ..artifacts.storage import StorageError, Store
 from .loader import Example
 from .tokenize import IGNORE, LengthLimits, Sample, TokenizeStats
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from ..spec import ColumnMapping
+from ..api.spec import ColumnMapping
 
 Message = dict[str, str]
 

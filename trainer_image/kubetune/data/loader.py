@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..spec import DatasetSpec
-from ..storage import fetch
-from ..uri import parse_uri
+from ..api.spec import DatasetSpec
+from ..api.uri import parse_uri
+from ..artifacts.storage import fetch
 from .converters import Message, RecordError, resolve_columns, to_messages
 
 MAX_REPORTED_ERRORS = 5

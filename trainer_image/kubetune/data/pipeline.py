@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from ..spec import FineTuneJobSpec
+from ..api.spec import FineTuneJobSpec
 from .batching import BatchPlan, Row, fill_ratio, rows_from_samples, total_steps
 from .cache import TokenCache, Tokenized, cache_key
 from .loader import DataError, Example

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from ..spec import FineTuneJobSpec
+from ..api.spec import FineTuneJobSpec
 from ..data.tokenize import install_chat_template
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from ..spec import FineTuneJobSpec
+from ..api.spec import FineTuneJobSpec
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ def is_correct(answer: str, expect: list[str] | tuple[str, ...]) -> Optional[boo
 
 def retention_report(probes: list[Probe], base_answers: list[str], tuned_answers: list[str], warn_below: float) -> dict:
     """The probe figures and the probes whose answers lost (or gained) the reference."""
-    from ..evaluate import rouge
+    from ..train.evaluate import rouge
 
     lost, gained = [], []
     base_right = kept = unchanged = 0

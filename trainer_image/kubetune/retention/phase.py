@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..api.spec import FineTuneJob, RetentionSpec
 from ..data.tokenize import IGNORE, LengthLimits, Sample, truncate_turns
-from ..spec import FineTuneJob, RetentionSpec
 from .generate import Answer, answer_all, generation_model
 from .measure import retention_report
 from .sets import RetentionSets, plan_sets

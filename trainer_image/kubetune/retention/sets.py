@@ -19,8 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..api.spec import RetentionSpec
 from ..data.loader import MAX_REPORTED_ERRORS, DataError, fetch_records, read_records
-from ..spec import RetentionSpec
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..export_format import check_export
-from ..model_source import cache_key, materialize_model, model_folder
-from ..spec import ModelSpec
-from ..storage import fetch
-from ..uri import parse_uri
+from ..api.spec import ModelSpec
+from ..api.uri import parse_uri
+from ..artifacts.export_format import check_export
+from ..artifacts.model_source import cache_key, materialize_model, model_folder
+from ..artifacts.storage import fetch
 
 log = logging.getLogger(__name__)
 

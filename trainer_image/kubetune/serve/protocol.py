@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from ..spec import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, GenerationSpec, check_temperature
+from ..api.spec import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, GenerationSpec, check_temperature
 from .sampling import SamplingParams
 
 

@@ -34,10 +34,10 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import exitcodes
-from ..spec import GenerationSpec, SpecError, load_job
-from ..storage import StorageError
-from ..uri import parse_uri
+from ..api import exitcodes
+from ..api.spec import GenerationSpec, SpecError, load_job
+from ..api.uri import parse_uri
+from ..artifacts.storage import StorageError
 from .engine import Delta, Engine, EngineStopped, Failed, Finished, QueueFull, RequestHandle
 from .metrics import ServeMetrics
 from .protocol import (
@@ -472,7 +472,7 @@ class BackgroundServer:
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: Optional[int] = None):
         import uvicorn
 
-        from ..net import free_port
+        from ..artifacts.net import free_port
 
         self.host, self.port = host, port or free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning", access_log=False))

@@ -10,4 +10,6 @@
     reporter.py         one Reporter for everything a run reports: events.py (JSON lines),
                         metrics.py (Prometheus), progress.json / metrics.jsonl / summary.json,
                         tracking.py (TensorBoard, SwanLab, W&B, MLflow)
+    evaluate.py         validation loss and generation metrics (ROUGE, BLEU-4, exact match, F1)
+    export.py           the trained model or adapter written as an export; --merge folds a LoRA into its base
 """

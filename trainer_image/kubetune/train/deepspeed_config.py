@@ -10,7 +10,7 @@ here (a torch optimizer steps host-memory parameters several times slower). On m
 without a GPU the torch AdamW is kept (`zero_force_ds_cpu_optimizer: false`): everything is
 in host memory anyway, and DeepSpeed's CPU Adam would first need a C++ compile.
 
-ZeRO buffers are sized from the model's hidden size (kubetune/zero_sizes.py says why; the
+ZeRO buffers are sized from the model's hidden size (kubetune/planner/zero_sizes.py says why; the
 memory planner counts the same sizes).
 """
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 import copy
 from typing import Any, Optional
 
-from ..spec import FineTuneJobSpec
-from ..zero_sizes import zero_buffer_sizes
+from ..api.spec import FineTuneJobSpec
+from ..planner.zero_sizes import zero_buffer_sizes
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from .. import exitcodes
+from ..api import exitcodes
 
 
 def exit_code_of(failure_exitcode: int) -> int:

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
-from .. import exitcodes
+from ..api import exitcodes
+from ..api.layout import job_layout
+from ..api.spec import FineTuneJob
+from ..artifacts.model_source import default_cache_dir
 from ..data.loader import load_datasets
-from ..layout import job_layout
-from ..model_source import default_cache_dir
 from ..retention import Retention
-from ..spec import FineTuneJob
 from .events import EventStream
 from .recipe import FineTuneRecipe, RunContext
 from .reporter import Reporter
@@ -64,7 +64,7 @@ def init_distributed() -> Dist:
     import torch
 
     if "RANK" not in os.environ:
-        from ..net import free_port
+        from ..artifacts.net import free_port
 
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

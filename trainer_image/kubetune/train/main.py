@@ -1,6 +1,6 @@
 """`kubetune-train --job JOB.yaml [--base-dir DIR] [--merge]`: what every training pod runs.
 
-Runs alone (world size 1) or under torchrun. Exit codes (kubetune.exitcodes): 0 done,
+Runs alone (world size 1) or under torchrun. Exit codes (kubetune.api.exitcodes): 0 done,
 64 invalid spec or data (message on stderr, no point retrying), 74 storage failed after
 retries, 75 preempted after committing a checkpoint. Rank 0 prints JSON lines on stdout.
 """
@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .. import exitcodes
-from ..spec import SpecError, load_job
-from ..storage import StorageError
-from ..validation import job_warnings
+from ..api import exitcodes
+from ..api.spec import SpecError, load_job
+from ..api.validation import job_warnings
+from ..artifacts.storage import StorageError
 from .events import EventStream
 
 
@@ -31,13 +31,13 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def invalid_input_errors() -> tuple[type[Exception], ...]:
     """Errors that mean the job or its data is wrong: retrying cannot help."""
-    from ..checkpoint import CheckpointMismatch
+    from ..api.layout import LayoutError
+    from ..api.uri import UriError
+    from ..artifacts.checkpoint import CheckpointMismatch
+    from ..artifacts.model_source import ModelSourceError
     from ..data.loader import DataError
     from ..data.tokenize import TemplateError
-    from ..layout import LayoutError
     from ..model.methods import MethodError
-    from ..model_source import ModelSourceError
-    from ..uri import UriError
     from .tracking import TrackerError
 
     return (SpecError, DataError, TemplateError, LayoutError, MethodError, ModelSourceError, UriError, CheckpointMismatch, TrackerError)
@@ -93,7 +93,7 @@ def execute(args: argparse.Namespace, events: Optional[EventStream] = None) -> i
         if job.spec.distributed.zero.stage == 3:
             return_freed_host_memory()
         if args.merge:
-            from ..export import run_merge
+            from .export import run_merge
 
             try:
                 outputs = run_merge(job, base_dir)

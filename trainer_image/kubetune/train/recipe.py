@@ -18,18 +18,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .. import exitcodes
-from ..checkpoint import CheckpointManager
+from ..api import exitcodes
+from ..api.layout import JobLayout
+from ..api.spec import FineTuneJob
+from ..artifacts.checkpoint import CheckpointManager
+from ..artifacts.model_source import ModelSourceError, check_model_source, materialize_model
+from ..artifacts.storage import fetch, open_store
 from ..data.batching import model_inputs
 from ..data.cache import TokenCache
 from ..data.loader import Example
 from ..data.pipeline import Epoch, length_limits, prepare
 from ..data.tokenize import Sample
-from ..layout import JobLayout
-from ..model_source import ModelSourceError, check_model_source, materialize_model
 from ..retention import Retention
-from ..spec import FineTuneJob
-from ..storage import fetch, open_store
 from .deepspeed_config import build_deepspeed_config
 from .engine import build_engine, grad_norm, hidden_size, zero3_loading
 from .loss import LossWindow, TokenWeighting, forward_backward
@@ -271,7 +271,7 @@ class FineTuneRecipe:
         """Collective: validation loss (and generation metrics when asked for) on the held-out rows."""
         if not self.data.val_rows:
             return
-        from ..evaluate import generation_metrics, validation_loss
+        from .evaluate import generation_metrics, validation_loss
 
         t, d, module = self.spec.training, self.dist, self.engine.module
         synced = self.engine.zero_optimization_partition_weights() and d.world_size > 1
@@ -287,7 +287,7 @@ class FineTuneRecipe:
 
     def finish(self) -> int:
         """Final checkpoint and evaluation, export, summary."""
-        from ..export import save_trained
+        from .export import save_trained
 
         state = self.state
         if self.manager.loaded is None or state.step > self.steps_at_start:

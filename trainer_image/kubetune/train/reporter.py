@@ -19,12 +19,12 @@ import logging
 import time
 from typing import Any, Optional, Sequence
 
-from ..checkpoint import RetryPolicy, with_retry
-from ..layout import JobLayout
-from ..progress import Progress
+from ..api.layout import JobLayout
+from ..api.progress import Progress
+from ..api.spec import FineTuneJob
+from ..artifacts.checkpoint import RetryPolicy, with_retry
+from ..artifacts.storage import open_store
 from ..retention.measure import describe
-from ..spec import FineTuneJob
-from ..storage import open_store
 from .events import EventStream
 from .metrics import TrainMetrics
 

@@ -38,10 +38,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..layout import JobLayout
-from ..spec import FineTuneJob, dump_job
-from ..storage import StorageError, open_store
-from ..uri import Uri
+from ..api.layout import JobLayout
+from ..api.spec import FineTuneJob, dump_job
+from ..api.uri import Uri
+from ..artifacts.storage import StorageError, open_store
 
 log = logging.getLogger("kubetune.train.tracking")
 

@@ -118,7 +118,7 @@ def validation_loss(model, rows: list, pad_id: int, batch_size: int, rank: int, 
     """Mean token loss over the validation rows (all ranks together)."""
     import torch
 
-    from .data.batching import collate, model_inputs
+    from ..data.batching import collate, model_inputs
 
     if not rows:
         return None
@@ -143,7 +143,7 @@ def validation_loss(model, rows: list, pad_id: int, batch_size: int, rank: int, 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The prompt of a conversation's last answer: everything before it, with the template's
     generation prompt, tokenized as training and serving tokenize it."""
-    from .data.encoding import encode_chat
+    from ..data.encoding import encode_chat
 
     return encode_chat(tokenizer, messages[:-1], add_generation_prompt=True).ids
 

@@ -27,12 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
-from ..progress import utc_now
-from ..storage import Store, StorageError, open_store, sha256_file
-from ..uri import Uri, parse_uri
+from ...api.progress import utc_now
+from ...api.uri import Uri, parse_uri
+from ..storage import StorageError, Store, open_store, sha256_file
 from .manifest import (
     MANIFEST,
-    trainable_fingerprint,
     FileEntry,
     Manifest,
     ManifestError,
@@ -42,11 +41,12 @@ from .manifest import (
     missing_or_wrong,
     parse_manifest,
     plan_rotation,
+    trainable_fingerprint,
 )
 from .retry import RetryPolicy, with_retry
 from .rng import load_rng_state, save_rng_state
 
-log = logging.getLogger("kubetune.checkpoint")
+log = logging.getLogger("kubetune.artifacts.checkpoint")
 
 UPLOAD_THREADS = 4
 

@@ -24,11 +24,11 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from .export_format import check_export, publish_dir
-from .layout import ADAPTER_METHODS, JobLayout, job_layout
-from .model_source import COMPLETE_MARKER, default_cache_dir, materialize_model
-from .spec import FineTuneJob
-from .storage import fetch
+from ..api.layout import ADAPTER_METHODS, JobLayout, job_layout
+from ..api.spec import FineTuneJob
+from ..artifacts.export_format import check_export, publish_dir
+from ..artifacts.model_source import COMPLETE_MARKER, default_cache_dir, materialize_model
+from ..artifacts.storage import fetch
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
 WEIGHT_INDEXES = (".safetensors.index.json", ".bin.index.json")

@@ -456,7 +456,7 @@ def _advice(spec, breakdown: dict[str, int]) -> str:
 
 def shipped_configs() -> list[str]:
     """Names of the configs shipped with kubetune (model_configs/*.json)."""
-    folder = resources.files("kubetune") / "model_configs"
+    folder = resources.files("kubetune.planner") / "model_configs"
     return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
 
 
@@ -468,7 +468,7 @@ def shipped_config(name: str) -> Optional[dict[str, Any]]:
     list other names of the same model under `_kubetune_names` (`meta-llama-3-8b`).
     """
     wanted = name.strip().rstrip("/").rsplit("/", 1)[-1].lower()
-    folder = resources.files("kubetune") / "model_configs"
+    folder = resources.files("kubetune.planner") / "model_configs"
     configs = {c: json.loads((folder / f"{c}.json").read_text()) for c in shipped_configs()}
     names = [(alias, c) for c, config in configs.items() for alias in [c, *config.get("_kubetune_names", [])]]
     candidates = [(alias, c) for alias, c in names if wanted == alias or wanted.startswith(alias + "-")]

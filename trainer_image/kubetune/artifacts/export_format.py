@@ -22,13 +22,13 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from ..api.progress import utc_now
+from ..api.uri import Uri
 from .checkpoint.manifest import FileEntry, files_from_json, files_to_json, missing_or_wrong
 from .checkpoint.retry import RetryPolicy, with_retry
-from .progress import utc_now
 from .storage import open_store, sha256_file
-from .uri import Uri
 
-log = logging.getLogger("kubetune.export")
+log = logging.getLogger("kubetune.train.export")
 
 EXPORT_MANIFEST = ".kubetune-export.json"
 EXPORT_FORMAT = 1

@@ -30,12 +30,12 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
+from ..api.spec import ModelSpec
+from ..api.uri import UriError, parse_uri
 from .export_format import IncompleteExport, check_export
-from .spec import ModelSpec
 from .storage import fetch, pvc_mount_path
-from .uri import UriError, parse_uri
 
-log = logging.getLogger("kubetune.model_source")
+log = logging.getLogger("kubetune.artifacts.model_source")
 
 COMPLETE_MARKER = ".kubetune-complete"
 
