@@ -51,7 +51,10 @@ def test_kubectl_get_shows_the_printer_columns_and_status_is_a_subresource(finet
     assert "status" not in kube_api.get(path)
     kube_api.patch(path + "/status", {"status": status})
     header, row = kubectl("get", "ftj", "qa-bot").stdout.splitlines()
-    assert header.split() == ["NAME", *(c["name"].upper() for c in CRD["spec"]["versions"][0]["additionalPrinterColumns"])]
+    columns = CRD["spec"]["versions"][0]["additionalPrinterColumns"]
+    assert header.split() == ["NAME", *(c["name"].upper() for c in columns if not c.get("priority"))]
+    wide_header = kubectl("get", "ftj", "qa-bot", "-o", "wide").stdout.splitlines()[0]
+    assert wide_header.split() == ["NAME", *(c["name"].upper() for c in columns)]
     assert row.split()[:6] == ["qa-bot", "Running", "lora", "40/100", "1.25", "2"]
 
 
