@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .net import free_port
+from .net import free_port, port_is_free
+
+GRPC_PORT_OFFSET = 10000  # weed: a component's gRPC port is its port + 10000
 
 
 class SeaweedS3:
@@ -74,7 +76,7 @@ class SeaweedS3:
             f"-s3.port={self.port}", f"-s3.config={self._write_config()}",
             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.localSocket={self.dir}/s3.sock", f"-filer.localSocket={self.dir}/filer.sock",
-            f"-master.port={free_port()}", f"-volume.port={free_port()}", f"-filer.port={free_port()}",
+            *(f"-{name}.port={port}" for name, port in zip(("master", "volume", "filer"), self._component_ports())),
         ]  # fmt: skip
         self.log = open(self.dir / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -86,6 +88,20 @@ class SeaweedS3:
             self.stop()  # never leave a server behind when start fails (e.g. an invalid bucket name)
             raise
         return self
+
+    def _component_ports(self) -> list[int]:
+        """Free ports for master, volume and filer. `weed mini` serves each one's gRPC on its
+        port + 10000 and refuses a port that is another's gRPC port, so no chosen port may be
+        another's (or the S3 port's) + 10000, and every port + 10000 must be free too. Chosen
+        again on every start: a restarted server must not wait for its old ports."""
+        grpc = GRPC_PORT_OFFSET
+        taken, chosen = {self.port, self.port + grpc}, []
+        while len(chosen) < 3:
+            port = free_port()
+            if port + grpc <= 65535 and not {port, port + grpc} & taken and port_is_free(port + grpc):
+                chosen.append(port)
+                taken |= {port, port + grpc}
+        return chosen
 
     def client(self):
         from .storage import s3_client
