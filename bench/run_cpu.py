@@ -128,11 +128,14 @@ def rows(name: str, result: dict) -> list[tuple[str, str, str, str]]:
     if name == "trainer_vs_peer":
         k = result.get("kubetune", {})
         out = []
-        for peer, figures in (result.get("peers") or {}).items():
+        best = result.get("best_peer")
+        # The fastest peer first: its ratio is the goal's figure.
+        for peer, figures in sorted((result.get("peers") or {}).items(), key=lambda item: item[0] != best):
             if "error" in figures:
                 out.append((f"effective tokens/s vs {peer}", "error", figures["error"].splitlines()[-1][:80], ""))
                 continue
-            out.append((f"effective tokens/s vs {peer} ({figures.get('steps')} steps)", _fmt(figures.get("kubetune_tokens_per_second")),
+            fastest = " (fastest peer)" if peer == best else ""
+            out.append((f"effective tokens/s vs {peer}{fastest} ({figures.get('steps')} steps)", _fmt(figures.get("kubetune_tokens_per_second")),
                         _fmt(figures.get("baseline_tokens_per_second")), _fmt(figures.get("ratio"), "x")))  # fmt: skip
             out.append((f"mean / final train loss vs {peer}", f"{_fmt(k.get('mean_loss'))} / {_fmt(k.get('final_loss'))}",
                         f"{_fmt(figures.get('mean_loss'))} / {_fmt(figures.get('final_loss'))}", "equal" if g(figures, "loss", "equal") else "differs"))  # fmt: skip
