@@ -111,7 +111,7 @@ def test_latest_skips_broken_checkpoints_with_reason(make_engine, train, s3_env,
     mgr.save(engine, 2, {"step": 2})
     damage(open_store(uri), "step-000000002")
 
-    with caplog.at_level(logging.WARNING, logger="kubetune.artifacts.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="kubetune.checkpoint"):
         assert mgr.latest() == "step-000000001"
     assert f"skipping checkpoint {uri}/step-000000002: {reason}" in caplog.text
 
@@ -133,7 +133,7 @@ def test_checksum_mismatch_falls_back_to_previous(make_engine, train, snapshot, 
     restarted = manager(uri, tmp_path, node="node-b")
     fresh = make_engine(seed=5)
     assert restarted.latest() == "step-000000002"  # sizes still match
-    with caplog.at_level(logging.WARNING, logger="kubetune.artifacts.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="kubetune.checkpoint"):
         assert restarted.load(fresh, "step-000000002") == {"step": 1}
     assert restarted.loaded == "step-000000001"
     assert "skipping checkpoint" in caplog.text and "step-000000002: checksum mismatch: mp_rank_00_model_states.pt" in caplog.text

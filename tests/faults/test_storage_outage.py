@@ -72,7 +72,7 @@ def test_outage_at_commit_is_retried_until_the_server_is_back(outage_s3, make_en
     train(engine, 2)
     restarts = stop_s3_before(mgr, outage_s3, *INJECTION_POINTS["commit"], restart=True)
 
-    with caplog.at_level(logging.WARNING, logger="kubetune.artifacts.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="kubetune.checkpoint"):
         assert mgr.save(engine, 4, {"step": 4}) == "step-000000004"
     restarts[0].join()
 

@@ -28,7 +28,7 @@ from .checkpoint.manifest import FileEntry, files_from_json, files_to_json, miss
 from .checkpoint.retry import RetryPolicy, with_retry
 from .storage import open_store, sha256_file
 
-log = logging.getLogger("kubetune.train.export")
+log = logging.getLogger("kubetune.export")
 
 EXPORT_MANIFEST = ".kubetune-export.json"
 EXPORT_FORMAT = 1

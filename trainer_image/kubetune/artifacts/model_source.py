@@ -35,7 +35,7 @@ from ..api.uri import UriError, parse_uri
 from .export_format import IncompleteExport, check_export
 from .storage import fetch, pvc_mount_path
 
-log = logging.getLogger("kubetune.artifacts.model_source")
+log = logging.getLogger("kubetune.model_source")
 
 COMPLETE_MARKER = ".kubetune-complete"
 

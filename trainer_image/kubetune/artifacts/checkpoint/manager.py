@@ -46,7 +46,7 @@ from .manifest import (
 from .retry import RetryPolicy, with_retry
 from .rng import load_rng_state, save_rng_state
 
-log = logging.getLogger("kubetune.artifacts.checkpoint")
+log = logging.getLogger("kubetune.checkpoint")
 
 UPLOAD_THREADS = 4
 

@@ -16,7 +16,7 @@ from typing import Callable, TypeVar
 
 from ..storage import PreconditionFailed, StorageError
 
-log = logging.getLogger("kubetune.artifacts.checkpoint")
+log = logging.getLogger("kubetune.checkpoint")
 
 T = TypeVar("T")
 
