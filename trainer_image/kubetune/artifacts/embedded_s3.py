@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .net import free_port, port_is_free
+from .net import free_port, port_is_free, stop_process_group
 
 GRPC_PORT_OFFSET = 10000  # weed: a component's gRPC port is its port + 10000
 
@@ -157,13 +157,7 @@ class SeaweedS3:
                 time.sleep(0.3)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
+        stop_process_group(self.proc, grace=15)
         self.proc = None
 
     def __enter__(self) -> "SeaweedS3":

@@ -1,8 +1,12 @@
-"""Local networking helpers (no I/O beyond the loopback interface)."""
+"""Helpers for the local servers KubeTune starts (embedded S3, kubetune-serve under
+`kubetune run`): free loopback ports, and stopping a server's process group."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 
 
 def free_port() -> int:
@@ -20,3 +24,15 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def stop_process_group(proc: "subprocess.Popen | None", grace: float) -> None:
+    """SIGTERM the process group `proc` leads (started with start_new_session=True), SIGKILL
+    it if it has not exited after `grace` seconds; nothing when it already exited."""
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..artifacts.net import free_port
+from ..artifacts.net import free_port, stop_process_group
 
 
 class ServerError(RuntimeError):
@@ -64,13 +63,7 @@ class LocalServer:
         raise ServerError(f"kubetune-serve was not ready within {timeout:.0f}s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc, grace=30)
         self.proc = None
 
     def __enter__(self) -> "LocalServer":
