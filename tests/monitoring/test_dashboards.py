@@ -80,7 +80,7 @@ VIEWS = {
     "training.json": {"kubetune_train_loss", "kubetune_train_learning_rate", "kubetune_train_grad_norm",
                       "kubetune_train_tokens_per_second", "kubetune_train_eta_seconds", "kubetune_train_gpu_memory_bytes",
                       "kubetune_train_last_checkpoint_timestamp_seconds", "kubetune_train_retention_kept_ratio",
-                      "kubetune_train_retention_probes", "kubetune_train_replay_samples"},
+                      "kubetune_train_retention_probes", "kubetune_train_replay_samples", "kubetune_train_reworded_samples"},
     "serving.json": {"kubetune_serve_requests_total", "kubetune_serve_request_latency_seconds_bucket",
                      "kubetune_serve_tokens_per_second", "kubetune_serve_generated_tokens_total"},
 }

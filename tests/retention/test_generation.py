@@ -11,11 +11,17 @@ import torch
 
 from kubetune.api.spec import FineTuneJob
 from kubetune.artifacts.storage import open_store
+from kubetune.data.loader import Example
+from kubetune.data.tokenize import LengthLimits
 from kubetune.retention import Retention
 from kubetune.retention.generate import answer_share
 from kubetune.retention.phase import prompt_ids
 
 DS_CONFIG = {"zero_optimization": {"stage": 2}}
+
+
+def examples(n: int) -> list[Example]:
+    return [Example([{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": str(2 * i)}], f"d.jsonl:{i + 1}") for i in range(n)]
 
 
 def job(model_dir, seed: int = 1234, **retention) -> FineTuneJob:
@@ -59,7 +65,7 @@ def test_generation_is_deterministic_for_a_seed_and_cached(tiny, tiny_model_dir,
         return model
 
     store = open_store(str(tmp_path / "checkpoints"))
-    first = Retention.plan(job(tiny_model_dir), train_samples=40, cache_dir=tmp_path / "c")
+    first = Retention.plan(job(tiny_model_dir), examples(40), cache_dir=tmp_path / "c")
     info = prepare(first, tiny_model_dir, store, tokenizer, build)
     assert len(first.sets.replay) == 20 and info["cached"] is False and len(builds) == 1
     (cached,) = store.list("retention/")
@@ -69,19 +75,19 @@ def test_generation_is_deterministic_for_a_seed_and_cached(tiny, tiny_model_dir,
     assert len(document["probes"]) == len(first.sets.probes) and all(len(r["ids"]) <= 8 for r in document["replay"])
 
     # Again (a restart, a resumed run): read from the cache, nothing built or generated.
-    again = Retention.plan(job(tiny_model_dir), train_samples=40, cache_dir=tmp_path / "c")
+    again = Retention.plan(job(tiny_model_dir), examples(40), cache_dir=tmp_path / "c")
     assert prepare(again, tiny_model_dir, store, tokenizer, build)["cached"] is True and len(builds) == 1
     assert again.base.replay == first.base.replay and again.base.probes == first.base.probes
-    samples = again.replay_samples(tokenizer, __import__("kubetune.data.tokenize", fromlist=["LengthLimits"]).LengthLimits(64))
+    samples = again.replay_samples(tokenizer, LengthLimits(64))
     assert len(samples) == 20 and again.info["samples"] == 20
 
     # Elsewhere, from scratch, with the same seed: the same prompts and answers, byte for byte.
     other = open_store(str(tmp_path / "elsewhere"))
-    prepare(Retention.plan(job(tiny_model_dir), train_samples=40, cache_dir=tmp_path / "c"), tiny_model_dir, other, tokenizer, build)
+    prepare(Retention.plan(job(tiny_model_dir), examples(40), cache_dir=tmp_path / "c"), tiny_model_dir, other, tokenizer, build)
     assert other.get_bytes(cached.key) == store.get_bytes(cached.key) and len(builds) == 2
 
     # Another seed replays other prompts: another cache entry.
-    reseeded = Retention.plan(job(tiny_model_dir, seed=99), train_samples=40, cache_dir=tmp_path / "c")
+    reseeded = Retention.plan(job(tiny_model_dir, seed=99), examples(40), cache_dir=tmp_path / "c")
     assert reseeded.sets.replay != first.sets.replay
     assert reseeded.key(job(tiny_model_dir, seed=99), tokenizer, tiny_model_dir, None, "fp32") != first.key(job(tiny_model_dir), tokenizer, tiny_model_dir, None, "fp32")
 
@@ -89,11 +95,45 @@ def test_generation_is_deterministic_for_a_seed_and_cached(tiny, tiny_model_dir,
 def test_a_damaged_cache_is_answered_again(tiny, tiny_model_dir, tmp_path):
     model, tokenizer = tiny
     store = open_store(str(tmp_path / "checkpoints"))
-    retention = Retention.plan(job(tiny_model_dir), train_samples=10, cache_dir=tmp_path / "c")
+    retention = Retention.plan(job(tiny_model_dir), examples(10), cache_dir=tmp_path / "c")
     prepare(retention, tiny_model_dir, store, tokenizer, lambda: model)
     (cached,) = store.list("retention/")
     good = store.get_bytes(cached.key)
     store.put_bytes(cached.key, good[: len(good) // 2])
-    again = Retention.plan(job(tiny_model_dir), train_samples=10, cache_dir=tmp_path / "c")
+    again = Retention.plan(job(tiny_model_dir), examples(10), cache_dir=tmp_path / "c")
     assert prepare(again, tiny_model_dir, store, tokenizer, lambda: model)["cached"] is False
     assert store.get_bytes(cached.key) == good
+
+
+def test_rewrites_are_cached_and_trained_with_the_users_answers(tiny, tiny_model_dir, tmp_path):
+    model, tokenizer = tiny
+    store = open_store(str(tmp_path / "checkpoints"))
+    spec = job(tiny_model_dir, paraphrases={"count": 2, "maxNewTokens": 8})
+    data = examples(3) + [Example([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye?"},
+                                   {"role": "assistant", "content": "Bye"}], "d.jsonl:4")]  # fmt: skip
+    first = Retention.plan(spec, data, cache_dir=tmp_path / "c")
+    assert first.questions == ["What is 0 plus 0?", "What is 1 plus 1?", "What is 2 plus 2?"]  # the conversation is not rewritten
+    key = first.key(spec, tokenizer, tiny_model_dir, None, "fp32")
+    first.prepare(store, key, tokenizer, lambda: model, DS_CONFIG, rank=0, world=1, device=torch.device("cpu"))
+    assert [len(w) for w in first.base.rewrites] == [6, 6, 6] and first.info["rewrite_questions"] == 3
+    again = Retention.plan(spec, data, cache_dir=tmp_path / "c")
+    again.prepare(store, key, tokenizer, lambda: pytest.fail("the cache should answer"), DS_CONFIG, rank=0, world=1, device=torch.device("cpu"))
+    assert again.base.cached and again.base.rewrites == first.base.rewrites
+    # More rewrites wanted, or other questions: another cache entry.
+    fewer = job(tiny_model_dir, paraphrases={"count": 1, "maxNewTokens": 8})
+    assert key != Retention.plan(fewer, data, cache_dir=tmp_path / "c").key(fewer, tokenizer, tiny_model_dir, None, "fp32")
+    assert key != Retention.plan(spec, examples(2), cache_dir=tmp_path / "c").key(spec, tokenizer, tiny_model_dir, None, "fp32")
+
+    # What the base model wrote decides the samples: the checked rewrites, each with the user's own answer.
+    again.base.rewrites = [["What is 0 plus 0?", "How much is 0 plus 0?", "What does 0 plus 0 make?", "What is 9 plus 0?"], [], ["Tell me"]]
+    samples = again.reworded_samples(tokenizer, LengthLimits(64))
+    assert again.info["reworded_questions"] == 1 and again.info["reworded_samples"] == 2
+    texts = [tokenizer.decode(s.input_ids) for s in samples]
+    assert "How much is 0 plus 0?" in texts[0] and "What does 0 plus 0 make?" in texts[1]
+    answers = [tokenizer.decode([t for t in s.labels if t >= 0]) for s in samples]
+    assert all(a.strip().startswith("0") for a in answers)  # the answer "0" is what is trained
+
+
+def test_no_rewrites_without_paraphrases(tiny_model_dir, tmp_path):
+    retention = Retention.plan(job(tiny_model_dir), examples(3), cache_dir=tmp_path / "c")
+    assert retention.questions == [] and retention.spec.paraphrases.count == 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 
 from kubetune.api import exitcodes
 from kubetune.artifacts.net import free_port
@@ -128,26 +128,33 @@ def test_two_zero3_ranks_split_the_generation_and_answer_as_one_process(tmp_path
 
     from kubetune.api.spec import load_job
     from kubetune.artifacts.storage import open_store
+    from kubetune.data.loader import load_datasets
     from kubetune.retention import Retention
 
+    # Paraphrases on: the rewrites are split over the ranks like the replay answers.
     job = write_job(tmp_path, tiny_model_dir, "z3", distributed={"gpusPerNode": 2, "zero": {"stage": 3}},
-                    training={"maxSteps": 3, "learningRate": 0.01, "microBatchSize": 2, "maxLength": 64, "logEverySteps": 1})  # fmt: skip
+                    training={"maxSteps": 3, "learningRate": 0.01, "microBatchSize": 2, "maxLength": 64, "logEverySteps": 1},
+                    retention={**RETENTION, "paraphrases": {"count": 1, "maxNewTokens": 8}})  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "kubetune.train.main", "--job", str(job)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540, env=env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     seen = events(proc.stdout)
     (replay,) = by_kind(seen, "replay")
-    assert replay["cached"] is False and len(by_kind(seen, "retention")) == 1
+    assert replay["cached"] is False and len(by_kind(seen, "retention")) == 1 and replay["rewrite_questions"] == 20
     distributed = Path(replay["cache"].removeprefix("file://")).read_bytes()
 
     # One process, the same job, no DeepSpeed: the same cache entry, byte for byte.
     parsed = load_job(job)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    alone = Retention.plan(parsed, train_samples=20, cache_dir=tmp_path / "c")
+    data, _ = load_datasets(parsed.spec.dataset, parsed.spec.training.seed, tmp_path / "d", tmp_path)
+    alone = Retention.plan(parsed, data, cache_dir=tmp_path / "c")
     store = open_store(str(tmp_path / "alone"))
     key = alone.key(parsed, tokenizer, tiny_model_dir, None, "fp32")
     alone.prepare(store, key, tokenizer, lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                   {"zero_optimization": {"stage": 0}}, rank=0, world=1, device=torch.device("cpu"))  # fmt: skip
     assert replay["cache"].endswith(f"base-answers-{key}.json")
     assert store.get_bytes(f"retention/base-answers-{key}.json") == distributed
+    rewrites = json.loads(distributed)["paraphrases"]
+    assert [r["question"] for r in rewrites] == [f"What is {i} plus {i}?" for i in range(20)]
+    assert all(len(r["written"]) == 3 for r in rewrites)

@@ -373,10 +373,25 @@ class ProbeSpec(SpecModel):
     )
 
 
+class ParaphraseSpec(SpecModel):
+    count: StrictInt = Field(
+        0,
+        ge=0,
+        le=4,
+        description="Rewrites of each of your one-question samples, trained with your own answer so the tuned model "
+        "answers a fact however it is asked. The base model writes them before training (shown a few general rewrites "
+        "first, greedy, cached beside the checkpoints); a rewrite is kept only when it is one question that keeps every "
+        "name and number of yours and adds none, so a question may get fewer. 0 rewrites nothing. Multi-turn "
+        "conversations are not rewritten.",
+    )
+    max_new_tokens: StrictInt = Field(48, ge=8, le=512, description="Longest rewrite in tokens (a longer one is dropped).")
+
+
 class RetentionSpec(SpecModel):
     replay: ReplaySpec = Field(default_factory=ReplaySpec, description="Self-distillation replay: the base model's own answers to general prompts, generated once before training (cached beside the checkpoints) and mixed into training.")
     probes: ProbeSpec = Field(default_factory=ProbeSpec, description="Held-out questions answered before and after training, never replayed: how much general knowledge the tuned model kept.")
-    batch_size: StrictInt = Field(16, ge=1, le=1024, description="Prompts each process answers at once (greedy) for replay and probes.")
+    paraphrases: ParaphraseSpec = Field(default_factory=ParaphraseSpec, description="Your questions asked in other words by the base model, trained with your answers (off by default).")
+    batch_size: StrictInt = Field(16, ge=1, le=1024, description="Prompts each process answers at once (greedy) for replay, probes and paraphrases.")
 
 
 # ---------------------------------------------------------------------------------------

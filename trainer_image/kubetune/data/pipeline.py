@@ -43,7 +43,7 @@ class PreparedData:
     total_steps: int
     packing_fill: Optional[float]  # tokens / (rows x maxLength) when packing, else None
     tokens_from: str  # "tokenized", or where the cached tokens came from: "local", "fetched"
-    replay: list[Sample]  # spec.retention's replay samples, trained beside `samples` (never in the token cache)
+    extra: list[Sample]  # spec.retention's replay and reworded samples, trained beside `samples` (never in the token cache)
 
     def __post_init__(self):
         self.row_lengths = [len(r) for r in self.rows]
@@ -76,11 +76,11 @@ def tokenize_datasets(spec: FineTuneJobSpec, tokenizer, examples: list[Example],
 
 
 def prepare(spec: FineTuneJobSpec, tokenizer, examples: list[Example], val_examples: list[Example], world_size: int,
-            cache: Optional[TokenCache] = None, replay: Sequence[Sample] = ()) -> PreparedData:  # fmt: skip
+            cache: Optional[TokenCache] = None, extra: Sequence[Sample] = ()) -> PreparedData:  # fmt: skip
     """Tokenize (or take the cached tokens), check, pack and plan the job's data for `world_size`
-    ranks. `replay`: samples tokenized elsewhere (spec.retention's base-model answers), trained
+    ranks. `extra`: samples tokenized elsewhere (spec.retention's base-model answers and reworded questions), trained
     beside the examples' samples; the token cache keeps the examples' samples only, so a
-    changed replay set can never be served from it."""
+    changed replay or rewrite set can never be served from it."""
     t = spec.training
     (samples, stats, val_samples), tokens_from = tokenize_datasets(spec, tokenizer, examples, val_examples, cache)
     if not samples:
@@ -95,8 +95,8 @@ def prepare(spec: FineTuneJobSpec, tokenizer, examples: list[Example], val_examp
             "%d samples spell special tokens (e.g. <|im_end|>) in their text; they are trained as text, not as markup: first %s",
             stats.special_text, stats.special_text_sources[:3],
         )  # fmt: skip
-    rows = rows_from_samples(samples + list(replay), t.max_length, t.packing, t.seed)
+    rows = rows_from_samples(samples + list(extra), t.max_length, t.packing, t.seed)
     val_rows = rows_from_samples(val_samples, t.max_length, t.packing, t.seed)
     plan = BatchPlan(len(rows), t.micro_batch_size, t.gradient_accumulation_steps, world_size)
     fill = fill_ratio(rows, t.max_length) if t.packing else None
-    return PreparedData(samples, val_samples, stats, rows, val_rows, plan, total_steps(plan, t.epochs, t.max_steps), fill, tokens_from, list(replay))
+    return PreparedData(samples, val_samples, stats, rows, val_rows, plan, total_steps(plan, t.epochs, t.max_steps), fill, tokens_from, list(extra))

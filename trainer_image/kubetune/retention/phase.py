@@ -1,12 +1,13 @@
 """spec.retention in a training run: before training, the base model answers the replay
-prompts and the probes (or the answers come from the cache); its replay answers become
-training samples; after training, the tuned model answers the probes again and the two
-sets of answers are compared (measure.py).
+prompts and the probes and, with paraphrases.count, rewrites the user's questions (or all of
+this comes from the cache); its replay answers and the accepted rewrites (paraphrase.py)
+become training samples; after training, the tuned model answers the probes again and the
+two sets of answers are compared (measure.py).
 
 The cache is one JSON object beside the checkpoints, `CHECKPOINTS/retention/base-answers-KEY.json`,
 written by rank 0 in one atomic put. KEY hashes everything that changes the answers: the
 model's files, the adapter continued from, quantization and precision, the chat template,
-the prompts and probe questions in order, and the generation settings. A restart (or a
+the prompts, probe questions and questions to rewrite in order, and the generation settings. A restart (or a
 resumed run) with the same spec reads it instead of generating again.
 """
 
@@ -22,7 +23,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..api.spec import FineTuneJob, RetentionSpec
-from ..data.tokenize import IGNORE, LengthLimits, Sample, truncate_turns
+from ..data.loader import Example
+from ..data.tokenize import IGNORE, LengthLimits, Sample, tokenize_examples, truncate_turns
+from . import paraphrase
 from .generate import Answer, answer_all, generation_model
 from .measure import retention_report
 from .sets import RetentionSets, plan_sets
@@ -30,7 +33,7 @@ from .sets import RetentionSets, plan_sets
 log = logging.getLogger("kubetune.retention")
 
 # Bump when the way answers are generated changes: old cache entries then stop matching.
-GENERATION_VERSION = 1
+GENERATION_VERSION = 2
 CACHE_PREFIX = "retention"
 SMALL_FILE = 16 * 1024 * 1024  # model files up to this size are hashed whole, larger ones by name and size
 
@@ -54,11 +57,12 @@ def cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
-def prompt_ids(tokenizer, question: str) -> list[int]:
-    """A one-turn conversation as training and serving tokenize it, up to the answer."""
+def prompt_ids(tokenizer, question) -> list[int]:
+    """A conversation (or one question) as training and serving tokenize it, up to the answer."""
     from ..data.encoding import encode_chat
 
-    return encode_chat(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True).ids
+    messages = [{"role": "user", "content": question}] if isinstance(question, str) else question
+    return encode_chat(tokenizer, messages, add_generation_prompt=True).ids
 
 
 def replay_sample(prompt: list[int], answer: list[int], limits: LengthLimits) -> Optional[Sample]:
@@ -88,28 +92,38 @@ class BaseAnswers:
     probes: list[str]
     cached: bool
     seconds: float = 0.0
+    rewrites: list[list[str]] = field(default_factory=list)  # per question to rewrite: every variant the base model wrote
 
 
 @dataclass
 class Retention:
     spec: RetentionSpec
     sets: RetentionSets
+    examples: list[Example] = field(default_factory=list)  # the user's training examples (paraphrases rewrite their questions)
     base: Optional[BaseAnswers] = None
     info: dict = field(default_factory=dict)
 
     @classmethod
-    def plan(cls, job: FineTuneJob, train_samples: int, cache_dir: Path, base_dir=None) -> Optional["Retention"]:
+    def plan(cls, job: FineTuneJob, examples: list[Example], cache_dir: Path, base_dir=None) -> Optional["Retention"]:
         """The job's prompt sets, read and checked before any model file is fetched; None without spec.retention."""
         spec = job.spec.retention
         if spec is None:
             return None
-        sets = plan_sets(spec, train_samples, job.spec.training.seed, cache_dir, base_dir, job.spec.storage.endpoint)
+        sets = plan_sets(spec, len(examples), job.spec.training.seed, cache_dir, base_dir, job.spec.storage.endpoint)
         if len(sets.replay) < sets.wanted:
             log.warning(
                 "retention.replay.ratio %s asks for %d replay samples but only %d prompts are available: replaying %d "
                 "(more prompts with retention.replay.uri)", spec.replay.ratio, sets.wanted, len(sets.replay), len(sets.replay),
             )  # fmt: skip
-        return cls(spec, sets)
+        return cls(spec, sets, list(examples))
+
+    @property
+    def questions(self) -> list[str]:
+        """The user's one-turn questions to rewrite, each once, in data order (none when paraphrases.count is 0)."""
+        if not self.spec.paraphrases.count:
+            return []
+        turns = (paraphrase.one_turn(e) for e in self.examples)
+        return list(dict.fromkeys(t[1] for t in turns if t is not None))
 
     def key(self, job: FineTuneJob, tokenizer, model_dir: Path, adapter_dir: Optional[Path], precision: str) -> str:
         spec = job.spec
@@ -126,6 +140,9 @@ class Retention:
             "replay_max_new_tokens": self.spec.replay.max_new_tokens,
             "probe_max_new_tokens": self.spec.probes.max_new_tokens,
             "batch_size": self.spec.batch_size,
+            "rewrite": self.questions,
+            "rewrite_variants": paraphrase.variants(self.spec.paraphrases.count),
+            "rewrite_max_new_tokens": self.spec.paraphrases.max_new_tokens,
         })  # fmt: skip
 
     def prepare(self, store, key: str, tokenizer, build: Callable[[], object], ds_config: dict, rank: int, world: int, device) -> BaseAnswers:
@@ -137,22 +154,32 @@ class Retention:
             with generation_model(build, ds_config, world) as (model, synced), base_behaviour(model):
                 replay = self._answer(model, tokenizer, self.sets.replay, self.spec.replay.max_new_tokens, rank, world, synced, device)
                 probes = self._answer(model, tokenizer, [p.question for p in self.sets.probes], self.spec.probes.max_new_tokens, rank, world, synced, device)
-            self.base = BaseAnswers(replay, [a.text for a in probes], cached=False, seconds=round(time.monotonic() - started, 3))
+                rewrites = self._rewrite(model, tokenizer, rank, world, synced, device)
+            self.base = BaseAnswers(replay, [a.text for a in probes], cached=False, seconds=round(time.monotonic() - started, 3), rewrites=rewrites)
             if rank == 0:
                 store.put_bytes(name, self._document(key))
         self.info = {
             "replay_prompts": len(self.sets.replay),
             "replay_finished": sum(a.finished for a in self.base.replay),
             "probes": len(self.sets.probes),
+            "rewrite_questions": len(self.questions),
             "cached": self.base.cached,
             "seconds": self.base.seconds,
             "cache": f"{store.root}/{name}",
         }
         return self.base
 
-    def _answer(self, model, tokenizer, questions: list[str], max_new_tokens: int, rank: int, world: int, synced: bool, device) -> list[Answer]:
+    def _answer(self, model, tokenizer, questions: list, max_new_tokens: int, rank: int, world: int, synced: bool, device) -> list[Answer]:
         prompts = [prompt_ids(tokenizer, q) for q in questions]
         return answer_all(model, tokenizer, prompts, max_new_tokens, self.spec.batch_size, rank, world, synced, device)
+
+    def _rewrite(self, model, tokenizer, rank: int, world: int, synced: bool, device) -> list[list[str]]:
+        """Every variant of every question to rewrite, as the base model wrote it (unfinished ones empty)."""
+        questions, variants = self.questions, paraphrase.variants(self.spec.paraphrases.count)
+        requests = [paraphrase.request(q, v) for q in questions for v in range(variants)]
+        answers = self._answer(model, tokenizer, requests, self.spec.paraphrases.max_new_tokens, rank, world, synced, device)
+        texts = [a.text if a.finished else "" for a in answers]
+        return [texts[i * variants : (i + 1) * variants] for i in range(len(questions))]
 
     def _document(self, key: str) -> bytes:
         base = self.base
@@ -161,6 +188,9 @@ class Retention:
                 "key": key,
                 "replay": [{"prompt": p, "answer": a.text, "ids": a.ids, "finished": a.finished} for p, a in zip(self.sets.replay, base.replay)],
                 "probes": [{"question": p.question, "answer": a} for p, a in zip(self.sets.probes, base.probes)],
+                "paraphrases": [
+                    {"question": q, "written": w, "kept": paraphrase.select(q, w, self.spec.paraphrases.count)} for q, w in zip(self.questions, base.rewrites)
+                ],
             },
             ensure_ascii=False,
             indent=1,
@@ -171,9 +201,12 @@ class Retention:
             document = json.loads(store.get_bytes(name))
             replay = [Answer(list(r["ids"]), r["answer"], bool(r["finished"])) for r in document["replay"]]
             probes = [r["answer"] for r in document["probes"]]
-            same = [r["prompt"] for r in document["replay"]] == self.sets.replay and [r["question"] for r in document["probes"]] == [
-                p.question for p in self.sets.probes
-            ]
+            rewrites = [[str(w) for w in r["written"]] for r in document.get("paraphrases", [])]
+            same = (
+                [r["prompt"] for r in document["replay"]] == self.sets.replay
+                and [r["question"] for r in document["probes"]] == [p.question for p in self.sets.probes]
+                and [r["question"] for r in document.get("paraphrases", [])] == self.questions
+            )
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as err:
@@ -183,12 +216,25 @@ class Retention:
             log.warning("ignoring the retention cache %s/%s: its prompts differ (answering again)", store.root, name)
             return None
         log.info("base-model answers for retention read from %s/%s", store.root, name)
-        return BaseAnswers(replay, probes, cached=True)
+        return BaseAnswers(replay, probes, cached=True, rewrites=rewrites)
 
     def replay_samples(self, tokenizer, limits: LengthLimits) -> list[Sample]:
         samples = [replay_sample(prompt_ids(tokenizer, p), a.ids, limits) for p, a in zip(self.sets.replay, self.base.replay)]
         samples = [s for s in samples if s is not None]
         self.info["samples"] = len(samples)
+        return samples
+
+    def reworded_samples(self, tokenizer, limits: LengthLimits) -> list[Sample]:
+        """The user's one-turn examples asked in the base model's accepted rewrites, with the user's answers."""
+        kept = {q: paraphrase.select(q, w, self.spec.paraphrases.count) for q, w in zip(self.questions, self.base.rewrites)}
+        examples = []
+        for example in self.examples:
+            turn = paraphrase.one_turn(example)
+            if turn is not None and kept.get(turn[1]):
+                examples += paraphrase.augmented(example, kept[turn[1]])
+        samples, _ = tokenize_examples(tokenizer, examples, limits, plain_text=False)
+        self.info["reworded_questions"] = sum(bool(k) for k in kept.values())
+        self.info["reworded_samples"] = len(samples)
         return samples
 
     def measure(self, model, tokenizer, rank: int, world: int, synced: bool, device) -> dict:

@@ -116,7 +116,7 @@ def run(job: FineTuneJob, base_dir: Optional[Path], events: EventStream) -> int:
 
     # Data, validated before any model file is touched (or DeepSpeed is even imported).
     examples, val_examples = load_datasets(spec.dataset, spec.training.seed, work / "data", base_dir, spec.storage.endpoint)
-    retention = Retention.plan(job, len(examples), work / "retention", base_dir)  # its prompt files, checked like the data
+    retention = Retention.plan(job, examples, work / "retention", base_dir)  # its prompt files, checked like the data
     dist_info = init_distributed()
     # Trackers start before the model loads: a missing package or setting fails in seconds.
     reporter = Reporter(job, layout, dist_info.world_size, main=dist_info.main, events=events, trackers=build_trackers(job, layout, dist_info.main))

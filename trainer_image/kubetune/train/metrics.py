@@ -35,6 +35,7 @@ class TrainMetrics:
         self.retention_kept_ratio = gauge("retention_kept_ratio", "Of the probes the base model answered right, the fraction the tuned model still answers right (spec.retention)")
         self.retention_probes = gauge("retention_probes", "Retention probes by outcome: base_right (the base model answered right), kept (still right after training), lost, gained", ("outcome",))
         self.replay_samples = gauge("replay_samples", "Base-model answers replayed in training (spec.retention)")
+        self.reworded_samples = gauge("reworded_samples", "Your questions reworded by the base model, trained with your answers (spec.retention.paraphrases)")
         self.tokens_total = Counter(PREFIX + "tokens_total", "Non-padding tokens trained on, all ranks", labels, registry=self.registry)
         self.checkpoint_seconds = Histogram(
             PREFIX + "checkpoint_seconds",

@@ -77,6 +77,7 @@ class FineTuneRecipe:
         self.window = LossWindow()
         self.own_grad_norm: Optional[float] = None  # measured here under ZeRO stage 0 (see _micro_step)
         self.replay: list[Sample] = []  # spec.retention: the base model's answers, trained beside the data
+        self.reworded: list[Sample] = []  # spec.retention.paraphrases: the user's questions in the base model's words, with the user's answers
         self.retention_report: Optional[dict] = None  # spec.retention: the probe figures after training
 
     # ------------------------------------------------------------------ setup
@@ -106,22 +107,24 @@ class FineTuneRecipe:
         self.checkpoint_store = open_store(self.ctx.layout.checkpoints, endpoint=self.spec.storage.endpoint)
 
     def _setup_retention(self) -> None:
-        """spec.retention: the base model answers the replay prompts and the probes (or the
-        answers come from the cache beside the checkpoints) before the training model is built;
-        its replay answers join the training data."""
+        """spec.retention: the base model answers the replay prompts and the probes and rewrites
+        the user's questions (or all of it comes from the cache beside the checkpoints) before
+        the training model is built; its replay answers and the rewritten questions join the
+        training data."""
         retention, d = self.ctx.retention, self.dist
         if retention is None:
             return
         key = retention.key(self.ctx.job, self.tokenizer, self.model_dir, self.adapter_dir, self.precision)
         retention.prepare(self.checkpoint_store, key, self.tokenizer, self._build_model, self.ds_config, d.rank, d.world_size, d.device)
         self.replay = retention.replay_samples(self.tokenizer, length_limits(self.spec))
+        self.reworded = retention.reworded_samples(self.tokenizer, length_limits(self.spec))
         self.reporter.replay(retention.info)
 
     def _setup_data(self) -> None:
-        """The data, tokenized with the model's own template (cached), the replay samples added."""
+        """The data, tokenized with the model's own template (cached), the replay and reworded samples added."""
         cache = TokenCache(self.checkpoint_store, self.ctx.cache_dir / "tokenized", self.dist.once_per_node)
         started = time.monotonic()
-        self.data = prepare(self.spec, self.tokenizer, self.ctx.examples, self.ctx.val_examples, self.dist.world_size, cache, self.replay)
+        self.data = prepare(self.spec, self.tokenizer, self.ctx.examples, self.ctx.val_examples, self.dist.world_size, cache, self.replay + self.reworded)
         self.data_seconds = time.monotonic() - started  # tokenizing (or reading the cached tokens), packing, planning
 
     def _build_model(self):
@@ -175,7 +178,7 @@ class FineTuneRecipe:
         self.reporter.start(
             self.manager.loaded, self.state.step, data.total_steps, world_size=self.dist.world_size,
             trainable_params=self.trainable, total_params=self.total, train_samples=len(data.samples),
-            validation_samples=len(data.val_samples), replay_samples=len(data.replay), rows=len(data.rows), precision=self.precision,
+            validation_samples=len(data.val_samples), replay_samples=len(self.replay), reworded_samples=len(self.reworded), rows=len(data.rows), precision=self.precision,
             zero_stage=self.spec.distributed.zero.stage, special_text_samples=data.stats.special_text,
             packing_fill=data.packing_fill, tokens_from=data.tokens_from, data_seconds=round(self.data_seconds, 2),
         )  # fmt: skip
@@ -335,6 +338,7 @@ class FineTuneRecipe:
             "dropped_samples": data.stats.dropped,
             "special_text_samples": data.stats.special_text,
             "packing_fill": data.packing_fill,
-            "replay_samples": len(data.replay),
+            "replay_samples": len(self.replay),
+            "reworded_samples": len(self.reworded),
             "outputs": outputs,
         } | ({"retention": self.retention_report} if self.retention_report is not None else {})

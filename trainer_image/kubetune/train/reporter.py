@@ -147,6 +147,7 @@ class Reporter:
         """spec.retention's base-model answers are ready (generated now, or read from the cache)."""
         if self.main:
             self.metrics.replay_samples.labels(self.metrics.job).set(info["samples"])
+            self.metrics.reworded_samples.labels(self.metrics.job).set(info.get("reworded_samples", 0))
             self.events.emit("replay", **info)
 
     def retention(self, report: dict) -> None:
