@@ -98,6 +98,9 @@ SPEC_CATALOGUE = [
     ({"spec__retention": {"replay": {"ratio": -0.5}}}, "<job>: spec.retention.replay.ratio: Input should be greater than or equal to 0 (got -0.5)"),
     ({"spec__retention": {"probes": {"warnBelow": 90}}}, "<job>: spec.retention.probes.warnBelow: Input should be less than or equal to 1 (got 90)"),
     ({"spec__retention": {"replay": {"prompts": "x.jsonl"}}}, f"<job>: spec.retention.replay.prompts: {UNKNOWN}"),
+    ({"spec__retention": {"paraphrases": {"count": 5}}}, "<job>: spec.retention.paraphrases.count: Input should be less than or equal to 4 (got 5)"),
+    ({"spec__retention": {"paraphrases": {"count": "2"}}}, "<job>: spec.retention.paraphrases.count: Input should be a valid integer (got '2')"),
+    ({"spec__retention": {"paraphrases": {"maxNewTokens": 4}}}, "<job>: spec.retention.paraphrases.maxNewTokens: Input should be greater than or equal to 8 (got 4)"),
     (
         {"spec__retention": {}, "spec__dataset__format": "text"},
         "<job>: spec.retention: replays and probes chat answers, but dataset.format text trains plain text without a chat "
