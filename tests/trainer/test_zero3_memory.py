@@ -13,8 +13,10 @@ import pytest
 
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.artifacts.net import free_port
+from kubetune.planner.estimate import model_shape
+from kubetune.planner.zero_sizes import model_hidden_size
 from kubetune.testing import build_tiny_model
-from kubetune.train.deepspeed_config import build_deepspeed_config, model_hidden_size
+from kubetune.train.deepspeed_config import build_deepspeed_config
 
 WORKER = Path(__file__).with_name("zero3_load_worker.py")
 
@@ -50,7 +52,19 @@ def test_model_hidden_size_from_config_json():
     assert model_hidden_size({"hidden_size": 896}) == 896
     assert model_hidden_size({"text_config": {"hidden_size": 2048}}) == 2048
     assert model_hidden_size({"hidden_sizes": [64, 128, 320]}) == 320
-    assert model_hidden_size({"d_model": 512}) is None
+    assert model_hidden_size({"n_embd": 768}) == 768  # GPT-2 naming
+    assert model_hidden_size({"d_model": 512}) == 512  # T5 naming
+    assert model_hidden_size({"vocab_size": 100}) is None and model_hidden_size({"hidden_size": True}) is None
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "n_embd", "d_model"])
+def test_the_planner_counts_the_buffers_the_trainer_configures(key):
+    """One hidden size for both: the ZeRO buffers the trainer writes into DeepSpeed's config
+    are the ones the memory planner counts, whatever the config calls the hidden size."""
+    config = {key: 640, "num_attention_heads": 8, "num_hidden_layers": 4, "vocab_size": 1000, "intermediate_size": 1728}
+    assert model_shape(config).hidden == model_hidden_size(config) == 640
+    zero = build_deepspeed_config(spec(distributed={"zero": {"stage": 3}}), 2, "bf16", on_gpu=True, hidden_size=model_hidden_size(config))["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 640 * 640 and zero["stage3_prefetch_bucket_size"] == int(0.9 * 640 * 640)
 
 
 @pytest.mark.slow

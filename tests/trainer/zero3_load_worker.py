@@ -7,7 +7,6 @@ write what this rank held to OUT/rank-<RANK>.json.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,7 +30,8 @@ def main() -> None:
 
     from kubetune.api.spec import FineTuneJobSpec
     from kubetune.model.loader import load_model
-    from kubetune.train.deepspeed_config import build_deepspeed_config, model_hidden_size
+    from kubetune.planner.zero_sizes import model_hidden_size
+    from kubetune.train.deepspeed_config import build_deepspeed_config
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()

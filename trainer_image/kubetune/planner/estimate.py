@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any, Optional
 
-from .zero_sizes import REDUCE_BUCKET_ELEMENTS, STAGE3_PREFETCH_ELEMENTS, zero_buffer_sizes
+from .zero_sizes import HIDDEN_SIZE_KEYS, REDUCE_BUCKET_ELEMENTS, STAGE3_PREFETCH_ELEMENTS, zero_buffer_sizes
 
 GiB = 1024**3
 
@@ -117,7 +117,7 @@ def model_shape(config: dict[str, Any]) -> ModelShape:
     """Read the shapes the planner needs from a Hugging Face config.json (ChatGLM names too)."""
     if not isinstance(config, dict):
         raise PlanError("model config must be a JSON object (config.json)")
-    hidden = _size(config, "hidden_size", "n_embd", "d_model")
+    hidden = _size(config, *HIDDEN_SIZE_KEYS)
     heads = _size(config, "num_attention_heads", "n_head")
     layers = _size(config, "num_hidden_layers", "num_layers", "n_layer", most=MAX_LAYERS)
     vocab = _size(config, "padded_vocab_size", "vocab_size")

@@ -23,6 +23,23 @@ REDUCE_BUCKET_ELEMENTS = 500_000_000
 STAGE3_PREFETCH_ELEMENTS = 50_000_000
 
 
+# Where a config.json gives the hidden size (Llama/Qwen/ChatGLM, GPT-2, T5 naming): the
+# planner's model shape reads the same keys, so both size the buffers from one number.
+HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model")
+
+
+def model_hidden_size(model_config: dict) -> Optional[int]:
+    """The hidden size of a model's config.json (or of its text_config, or the largest of
+    hidden_sizes); None if it has none (DeepSpeed's default buffer sizes then apply)."""
+    for config in (model_config, model_config.get("text_config") or {}):
+        for key in HIDDEN_SIZE_KEYS:
+            if isinstance(config.get(key), int) and not isinstance(config[key], bool) and config[key] > 0:
+                return config[key]
+        if isinstance(config.get("hidden_sizes"), list) and config["hidden_sizes"] and all(isinstance(h, int) for h in config["hidden_sizes"]):
+            return max(config["hidden_sizes"])
+    return None
+
+
 def zero_buffer_sizes(stage: int, hidden_size: Optional[int]) -> dict[str, int]:
     """ZeRO bucket and gathering limits (elements) derived from the model's hidden size (see
     the module docstring); empty without a hidden size (DeepSpeed's defaults then apply)."""

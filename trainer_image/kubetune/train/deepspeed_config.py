@@ -36,17 +36,6 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def model_hidden_size(model_config: dict[str, Any]) -> Optional[int]:
-    """hidden_size of a model's config.json (or of its text_config, or the largest of
-    hidden_sizes), like Hugging Face's "auto" DeepSpeed values; None if it has none."""
-    for config in (model_config, model_config.get("text_config") or {}):
-        if isinstance(config.get("hidden_size"), int):
-            return config["hidden_size"]
-        if config.get("hidden_sizes"):
-            return max(config["hidden_sizes"])
-    return None
-
-
 def build_deepspeed_config(spec: FineTuneJobSpec, world_size: int, precision: str, on_gpu: bool, hidden_size: Optional[int] = None) -> dict[str, Any]:
     """DeepSpeed config for `spec` with `world_size` processes; precision is fp32|fp16|bf16 (resolved);
     hidden_size (the model's) sizes the ZeRO buffers. spec.distributed.deepspeedConfig wins over all of it."""

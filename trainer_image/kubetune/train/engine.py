@@ -8,7 +8,8 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
-from .deepspeed_config import ADAM_BETAS, ADAM_EPS, model_hidden_size, uses_client_optimizer
+from ..planner.zero_sizes import model_hidden_size
+from .deepspeed_config import ADAM_BETAS, ADAM_EPS, uses_client_optimizer
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
