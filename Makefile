@@ -35,9 +35,13 @@ include tests/cluster/build.mk
 cluster: $(CLUSTER_BIN)
 
 # The Go build (CPU-bound) runs beside setup (mostly downloads), so the two overlap.
+# The times CI's log needs to say how long each part took: when the set-up was ready, and
+# pytest's own total with its 20 slowest tests.
 test:
+	@echo "make test: started $$(date -u +%T)"
 	$(MAKE) -j2 --output-sync=target setup system-deps cluster
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	@echo "make test: setup, system-deps and cluster ready $$(date -u +%T)"
+	$(VENV)/bin/pytest -q --durations=20 $(PYTEST_ARGS)
 
 quickstart: setup
 	# The job's model folder is the installed wheel's folder (it holds the GGUF file).
