@@ -142,6 +142,8 @@ def test_two_zero3_ranks_split_the_generation_and_answer_as_one_process(tmp_path
     seen = events(proc.stdout)
     (replay,) = by_kind(seen, "replay")
     assert replay["cached"] is False and len(by_kind(seen, "retention")) == 1 and replay["rewrite_questions"] == 20
+    # LoRA replays by KL to the base: under ZeRO-3 on 2 ranks the base forward runs on every micro batch alike (no hang)
+    assert replay["loss"] == "kl" and len(by_kind(seen, "step")) == 3
     distributed = Path(replay["cache"].removeprefix("file://")).read_bytes()
 
     # One process, the same job, no DeepSpeed: the same cache entry, byte for byte.

@@ -214,7 +214,8 @@ def _apply(event: dict, result: TrainResult, progress: Progress, task) -> None:
     elif kind == "replay":
         how = "read from the cache" if event.get("cached") else f"generated in {event.get('seconds', 0):.0f} s"
         reworded = f", {event.get('reworded_samples')} rewrites of {event.get('reworded_questions')}/{event.get('rewrite_questions')} of your questions" if event.get("rewrite_questions") else ""
-        progress.console.print(f"retention: {event.get('samples')} base-model answers to replay{reworded}, {event.get('probes')} probes ({how})")
+        matched = " (KL to the base)" if event.get("loss") == "kl" else ""
+        progress.console.print(f"retention: {event.get('samples')} base-model answers to replay{matched}{reworded}, {event.get('probes')} probes ({how})")
     elif kind == "retention":
         result.retention = event
         progress.console.print(f"[{'yellow' if event.get('below_threshold') else 'green'}]retention: {describe(event)}[/]")

@@ -36,6 +36,7 @@ class Row:
     input_ids: list[int]
     labels: list[int]
     position_ids: Optional[list[int]] = None  # set for packed rows
+    distill: Optional[list[bool]] = None  # per token, from a distill sample (None when the row has none)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -84,8 +85,16 @@ def pack(samples: list[Sample], max_length: int) -> list[Row]:
             row.input_ids += samples[i].input_ids
             row.labels += samples[i].labels
             row.position_ids += list(range(len(samples[i])))
+        row.distill = _distill_mask([samples[i] for i in members])
         rows.append(row)
     return rows
+
+
+def _distill_mask(samples: list[Sample]) -> Optional[list[bool]]:
+    """Per token of the samples laid end to end: from a distill sample? (None when none is.)"""
+    if not any(s.distill for s in samples):
+        return None
+    return [flag for s in samples for flag in [s.distill] * len(s)]
 
 
 def fill_ratio(rows: list[Row], max_length: int) -> float:
@@ -95,7 +104,7 @@ def fill_ratio(rows: list[Row], max_length: int) -> float:
 
 def rows_from_samples(samples: list[Sample], max_length: int, packing: bool, seed: int) -> list[Row]:
     if not packing:
-        return [Row(s.input_ids, s.labels) for s in samples]
+        return [Row(s.input_ids, s.labels, distill=_distill_mask([s])) for s in samples]
     # Pack in a seeded shuffled order so packs mix samples from the whole file.
     order = list(range(len(samples)))
     random.Random(f"pack:{seed}").shuffle(order)
@@ -187,6 +196,12 @@ def collate(rows: list[Row], pad_id: int) -> dict:
             mask_or_pos[i, :n] = 1
     batch = {"input_ids": ids, "labels": labels}
     batch["position_ids" if packed else "attention_mask"] = mask_or_pos
+    if any(r.distill for r in rows):
+        distill = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            if row.distill:
+                distill[i, : len(row)] = torch.tensor(row.distill)
+        batch["distill"] = distill  # not a forward argument: the loss reads it (train/loss.py)
     # Non-padding tokens (what tokens/s counts) and the tokens the loss averages over; not
     # forward arguments (model_inputs leaves them out).
     batch["num_tokens"] = sum(len(r) for r in rows)
@@ -198,7 +213,7 @@ COUNTS = ("num_tokens", "trained_tokens")
 
 
 def model_inputs(batch: dict) -> dict:
-    """Forward-pass arguments for a collated batch (labels included, token counts removed)."""
-    inputs = {k: v for k, v in batch.items() if k not in COUNTS}
+    """Forward-pass arguments for a collated batch (labels included; token counts and the distill mask removed)."""
+    inputs = {k: v for k, v in batch.items() if k not in COUNTS and k != "distill"}
     inputs["use_cache"] = False
     return inputs

@@ -56,6 +56,7 @@ NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}
 class Sample:
     input_ids: list[int]
     labels: list[int]
+    distill: bool = False  # its trained tokens learn the base model's distribution, not the label (spec.retention.replay.loss kl)
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -65,12 +65,13 @@ def prompt_ids(tokenizer, question) -> list[int]:
     return encode_chat(tokenizer, messages, add_generation_prompt=True).ids
 
 
-def replay_sample(prompt: list[int], answer: list[int], limits: LengthLimits) -> Optional[Sample]:
-    """The base model's own answer as a training sample (answer tokens trained, within the job's length limits)."""
+def replay_sample(prompt: list[int], answer: list[int], limits: LengthLimits, distill: bool = False) -> Optional[Sample]:
+    """The base model's own answer as a training sample (answer tokens trained, within the job's
+    length limits); `distill`: trained toward the base model's distributions (replay.loss kl)."""
     (prompt, answer), *_ = truncate_turns([(prompt, answer)], limits)
     if not answer:
         return None
-    return Sample(prompt + answer, [IGNORE] * len(prompt) + answer)
+    return Sample(prompt + answer, [IGNORE] * len(prompt) + answer, distill=distill)
 
 
 @contextlib.contextmanager
@@ -218,10 +219,12 @@ class Retention:
         log.info("base-model answers for retention read from %s/%s", store.root, name)
         return BaseAnswers(replay, probes, cached=True, rewrites=rewrites)
 
-    def replay_samples(self, tokenizer, limits: LengthLimits) -> list[Sample]:
-        samples = [replay_sample(prompt_ids(tokenizer, p), a.ids, limits) for p, a in zip(self.sets.replay, self.base.replay)]
+    def replay_samples(self, tokenizer, limits: LengthLimits, loss: str = "tokens") -> list[Sample]:
+        """The replayed answers as training samples; `loss` the job's replay.loss (kl or tokens)."""
+        samples = [replay_sample(prompt_ids(tokenizer, p), a.ids, limits, distill=loss == "kl") for p, a in zip(self.sets.replay, self.base.replay)]
         samples = [s for s in samples if s is not None]
         self.info["samples"] = len(samples)
+        self.info["loss"] = loss
         return samples
 
     def reworded_samples(self, tokenizer, limits: LengthLimits) -> list[Sample]:
