@@ -22,7 +22,6 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-
 from prometheus_server import PrometheusServer, free_ports
 from promql import dashboard_queries, grafana_to_promql, load_dashboards
 
@@ -138,7 +137,8 @@ def recorded(tmp_path_factory, tiny_model_dir, seaweed, control_plane, kube_api,
 
             # What worker 0 runs (contract 9), in this process tree: the operator's job document.
             (work / "job.yaml").write_text(config["data"]["job.yaml"])
-            env = {**os.environ, **seaweed.env, "OMP_NUM_THREADS": "1", "KUBETUNE_METRICS_PORT": str(trainer_port)}
+            # The trainer waits for one scrape of its final figures (the probes are set moments before it exits).
+            env = {**os.environ, **seaweed.env, "OMP_NUM_THREADS": "1", "KUBETUNE_METRICS_PORT": str(trainer_port), "KUBETUNE_METRICS_FINAL_SCRAPE_SECONDS": "30"}
             run = subprocess.run([str(BIN / "kubetune-train"), "--job", str(work / "job.yaml")],
                                  capture_output=True, text=True, timeout=600, env=env, cwd=work)
             assert run.returncode == 0, run.stderr[-3000:]

@@ -1,9 +1,17 @@
 """Prometheus metrics of the trainer (rank 0 only), served on KUBETUNE_METRICS_PORT (default 9400;
-0 disables). Every series carries the label finetunejob=<job name>; nothing secret goes in labels."""
+0 disables). Every series carries the label finetunejob=<job name>; nothing secret goes in labels.
+
+The last figures of a run (the retention probes, the final loss) are set moments before the
+process exits, often between two scrapes: with KUBETUNE_METRICS_FINAL_SCRAPE_SECONDS > 0,
+`close` keeps /metrics up until one scrape has read them, at most that long (default 0: a
+run without Prometheus does not wait).
+"""
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -45,6 +53,8 @@ class TrainMetrics:
             registry=self.registry,
         )
         self.server = None
+        self.scrapes = _ScrapeCounter()
+        self.registry.register(self.scrapes)
 
     def serve(self, port: Optional[int] = None, addr: str = "0.0.0.0") -> Optional[int]:
         """Start the /metrics endpoint; returns the port, or None when disabled (port 0)."""
@@ -56,6 +66,9 @@ class TrainMetrics:
 
     def close(self) -> None:
         if self.server is not None:
+            wait = float(os.environ.get("KUBETUNE_METRICS_FINAL_SCRAPE_SECONDS", "0") or 0)
+            if wait > 0:
+                self.scrapes.wait_for_next(wait)
             self.server.shutdown()
             self.server.server_close()
             self.server = None
@@ -88,3 +101,24 @@ class TrainMetrics:
         if torch.cuda.is_available():
             self.gpu_memory_bytes.labels(self.job, "allocated").set(torch.cuda.memory_allocated())
             self.gpu_memory_bytes.labels(self.job, "peak").set(torch.cuda.max_memory_allocated())
+
+
+class _ScrapeCounter:
+    """A collector that adds no series and counts the scrapes that collect the registry."""
+
+    def __init__(self):
+        self.count = 0
+        self.changed = threading.Condition()
+
+    def collect(self):
+        with self.changed:
+            self.count += 1
+            self.changed.notify_all()
+        return []
+
+    def wait_for_next(self, timeout: float) -> bool:
+        """Block until a scrape starts collecting after this call (True), or `timeout` seconds pass."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            seen = self.count
+            return self.changed.wait_for(lambda: self.count > seen, timeout=max(0.0, deadline - time.monotonic()))
