@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+
 from prometheus_server import PrometheusServer, free_ports
 from promql import dashboard_queries, grafana_to_promql, load_dashboards
 

@@ -210,10 +210,11 @@ def collate(rows: list[Row], pad_id: int) -> dict:
 
 
 COUNTS = ("num_tokens", "trained_tokens")
+NOT_FORWARD = (*COUNTS, "distill")  # what collate adds for the loss and the logs, never for the model
 
 
 def model_inputs(batch: dict) -> dict:
     """Forward-pass arguments for a collated batch (labels included; token counts and the distill mask removed)."""
-    inputs = {k: v for k, v in batch.items() if k not in COUNTS and k != "distill"}
+    inputs = {k: v for k, v in batch.items() if k not in NOT_FORWARD}
     inputs["use_cache"] = False
     return inputs

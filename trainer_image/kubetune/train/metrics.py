@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -118,7 +117,6 @@ class _ScrapeCounter:
 
     def wait_for_next(self, timeout: float) -> bool:
         """Block until a scrape starts collecting after this call (True), or `timeout` seconds pass."""
-        deadline = time.monotonic() + timeout
         with self.changed:
             seen = self.count
-            return self.changed.wait_for(lambda: self.count > seen, timeout=max(0.0, deadline - time.monotonic()))
+            return self.changed.wait_for(lambda: self.count > seen, timeout=timeout)
