@@ -305,6 +305,8 @@ def build_worker_pod(job: FineTuneJob, index: int, settings: Settings, attempt: 
         {"name": "KUBETUNE_METRICS_PORT", "value": str(TRAINER_METRICS_PORT)},
         {"name": "KUBETUNE_NODE_RANK", "value": str(index)},
     ]
+    if settings.trainer_final_scrape_seconds > 0:
+        env.append({"name": "KUBETUNE_METRICS_FINAL_SCRAPE_SECONDS", "value": f"{settings.trainer_final_scrape_seconds:g}"})
     container = {
         "name": "trainer",
         "image": trainer_image(job, settings),

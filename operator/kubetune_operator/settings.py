@@ -22,6 +22,9 @@ class Settings:
     # ServiceAccount and image pull secrets of the training, merge and serving pods (chart values).
     workload_service_account: str = ""
     image_pull_secrets: tuple[str, ...] = ()
+    # With PodMonitors on (chart): how long a finished trainer keeps /metrics up until one
+    # scrape has read its final figures (KUBETUNE_METRICS_FINAL_SCRAPE_SECONDS; 0: it exits at once).
+    trainer_final_scrape_seconds: float = 0.0
 
     @classmethod
     def from_env(cls, env: "dict[str, str] | None" = None) -> "Settings":
@@ -38,4 +41,5 @@ class Settings:
             progress_retry_seconds=float(env.get("KUBETUNE_PROGRESS_RETRY_SECONDS", defaults.progress_retry_seconds)),
             workload_service_account=env.get("KUBETUNE_WORKLOAD_SERVICE_ACCOUNT", ""),
             image_pull_secrets=tuple(n.strip() for n in env.get("KUBETUNE_IMAGE_PULL_SECRETS", "").split(",") if n.strip()),
+            trainer_final_scrape_seconds=float(env.get("KUBETUNE_TRAINER_FINAL_SCRAPE_SECONDS") or defaults.trainer_final_scrape_seconds),
         )

@@ -283,12 +283,18 @@ def test_pod_monitors_select_the_pods_and_ports_the_operator_builds(chart):
 
     job = load_job(REPO / "examples" / "lora-multinode.yaml")
     assert job.spec.serving.enabled and job.spec.serving.engine == "builtin"
-    settings = Settings()
+    objects = render(chart, monitoring_values(podMonitor=True))
+    settings = Settings.from_env(env_of(operator_container(objects)))
     pod_templates = {
         "worker": builders.build_worker_pod(job, 0, settings),
         "serve": builders.build_serving_deployment(job, settings)["spec"]["template"],
     }
-    monitors = [o for o in render(chart, monitoring_values(podMonitor=True)) if o["kind"] == "PodMonitor"]
+    # A finished trainer waits for one more scrape (at most finalScrapeSeconds) before it exits,
+    # so the final figures reach Prometheus; without PodMonitors it exits at once.
+    assert env_of(pod_templates["worker"]["spec"]["containers"][0])["KUBETUNE_METRICS_FINAL_SCRAPE_SECONDS"] == "30"
+    unmonitored = Settings.from_env(env_of(operator_container(render(chart))))
+    assert "KUBETUNE_METRICS_FINAL_SCRAPE_SECONDS" not in env_of(builders.build_worker_pod(job, 0, unmonitored)["spec"]["containers"][0])
+    monitors = [o for o in objects if o["kind"] == "PodMonitor"]
     assert len(monitors) == len(pod_templates)
     for monitor in monitors:
         matched = [role for role, pod in pod_templates.items()
@@ -334,6 +340,7 @@ BAD_VALUES = [
     ({"images": {"operator": {"pullPolicy": "Sometimes"}}}, "at '/images/operator/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'"),
     ({"monitoring": {"serviceMonitor": {"enabled": "yes"}}}, "at '/monitoring/serviceMonitor/enabled': got string, want boolean"),
     ({"monitoring": {"podMonitor": {"interval": "15 seconds"}}}, "at '/monitoring/podMonitor/interval': '15 seconds' does not match pattern"),
+    ({"monitoring": {"podMonitor": {"finalScrapeSeconds": -5}}}, "at '/monitoring/podMonitor/finalScrapeSeconds': minimum: got -5, want 0"),
     ({"operator": {"resources": {"limits": {"memory": "lots"}}}}, "at '/operator/resources/limits/memory': 'lots' does not match pattern"),
     ({"workloadServiceAccount": {"name": "Trainer Pods"}}, "at '/workloadServiceAccount/name': 'Trainer Pods' does not match pattern"),
     ({"images": {"trainer": {"tag": None}}}, "at '/images/trainer': missing property 'tag'"),
