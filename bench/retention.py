@@ -12,6 +12,10 @@ name and, with --set, the named fields change), by `kubetune run JOB --questions
 - reworded: the same facts asked in other words
 - general:  of the general questions the base model answered right, how many the tuned
             model still answers right (the issue's "14 of every 15")
+- general+: the same on 60 more general questions (bench/heldout/general.jsonl, disjoint
+            from the replay prompts, the probes and both question files), answered in this
+            process after the timed run: the 10-15 questions of a question file are few, one
+            flipped answer moves that figure by 7-10 points; goal checked on both together
 - probes:   the trainer's own retention figure (spec.retention.probes) from summary.json
 - wall:     the whole `kubetune run`, GGUF conversion cached
 
@@ -41,6 +45,7 @@ SETS = {
     "norhaven": (REPO / "bench/heldout/norhaven-knowledge.jsonl", REPO / "bench/heldout/norhaven-questions.jsonl"),
 }
 RECIPE = REPO / "examples/quickstart.yaml"
+GENERAL = REPO / "bench/heldout/general.jsonl"
 GOALS = {"trained": 0.95, "reworded": 0.80, "general_kept": 14 / 15, "wall_seconds": 600}
 
 
@@ -89,14 +94,21 @@ def figures(answers: dict, summary: Optional[dict]) -> dict:
         s = scores.get(kind, {"right": 0, "total": 0})
         return {"right": s["right"], "total": s["total"], "ratio": round(s["right"] / s["total"], 4) if s["total"] else None}
 
+    def kept_share(general: dict) -> dict:
+        kept, base_right = general.get("kept", 0), general.get("base_right", 0)
+        return {"kept": kept, "base_right": base_right, "ratio": round(kept / base_right, 4) if base_right else None,
+                "tuned_right": general.get("right"), "total": general.get("total")}
+
     general = scores.get("general", {})
-    kept, base_right = general.get("kept", 0), general.get("base_right", 0)
+    more = (answers.get("general_more") or {}).get("scores", {}).get("general", {})
+    both = {k: general.get(k, 0) + more.get(k, 0) for k in ("kept", "base_right", "right", "total")}
     retention = (summary or {}).get("retention") or {}
     return {
         "trained": share("trained"),
         "reworded": share("reworded"),
-        "general_kept": {"kept": kept, "base_right": base_right, "ratio": round(kept / base_right, 4) if base_right else None,
-                         "tuned_right": general.get("right"), "total": general.get("total")},
+        "general_kept": kept_share(general),
+        "general_more_kept": kept_share(more) if more else None,
+        "general_all_kept": kept_share(both),
         "probes": {k: retention.get(k) for k in ("probes", "base_right", "kept", "kept_ratio", "similarity")} if retention else None,
         "replay_samples": (summary or {}).get("replay_samples"),
     }  # fmt: skip
@@ -107,7 +119,7 @@ def met(result: dict) -> dict:
     return {
         "trained": f["trained"]["ratio"] is not None and f["trained"]["ratio"] >= GOALS["trained"],
         "reworded": f["reworded"]["ratio"] is not None and f["reworded"]["ratio"] >= GOALS["reworded"],
-        "general_kept": f["general_kept"]["ratio"] is not None and f["general_kept"]["ratio"] >= GOALS["general_kept"],
+        "general_kept": f["general_all_kept"]["ratio"] is not None and f["general_all_kept"]["ratio"] >= GOALS["general_kept"],
         "wall_seconds": result["wall_seconds"] < GOALS["wall_seconds"],
     }
 
@@ -165,15 +177,20 @@ def run_set(name: str, workdir: Path, overrides: list[tuple[str, Any]], tag: str
     if proc.returncode != 0:
         raise RuntimeError(f"kubetune run failed ({proc.returncode}); see {folder / 'kubetune-run.log'}")
     run_dir = folder / "runs" / job_name
-    if fast:
-        from kubetune.cli.run import load_questions, score
+    from kubetune.cli.run import load_questions, score
 
+    if fast:
         asked = load_questions(questions)
         base = base_answers_in_process(document, questions, asked, workdir)
         tuned = answer_in_process(run_dir / "output" / "model", asked, max_tokens(document))
         answers = {"questions": asked, "answers": tuned, "base_answers": base, "scores": score(asked, tuned, base)}
         (run_dir / "answers.json").write_text(json.dumps(answers, indent=2, ensure_ascii=False))
     answers = json.loads((run_dir / "answers.json").read_text())
+    more = load_questions(GENERAL)
+    base_more = base_answers_in_process(document, GENERAL, more, workdir)
+    tuned_more = answer_in_process(run_dir / "output" / "model", more, max_tokens(document))
+    answers["general_more"] = {"questions": more, "answers": tuned_more, "base_answers": base_more, "scores": score(more, tuned_more, base_more)}
+    (run_dir / "answers.json").write_text(json.dumps(answers, indent=2, ensure_ascii=False))
     summary_path = run_dir / "output" / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
     result = {"set": name, "tag": tag, "overrides": dict(overrides), "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1), "fast": fast,
@@ -184,13 +201,15 @@ def run_set(name: str, workdir: Path, overrides: list[tuple[str, Any]], tag: str
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| set | tag | trained | reworded | general kept | probes kept | replay | wall | CPU | load |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| set | tag | trained | reworded | general kept | general+ kept | probes kept | replay | wall | CPU | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         f = r["figures"]
         probes = f["probes"] or {}
+        more = f.get("general_more_kept") or {}
         lines.append(
             f"| {r['set']} | {r['tag'] or '-'} | {f['trained']['right']}/{f['trained']['total']} | {f['reworded']['right']}/{f['reworded']['total']} "
-            f"| {f['general_kept']['kept']}/{f['general_kept']['base_right']} | {probes.get('kept', '-')}/{probes.get('base_right', '-')} "
+            f"| {f['general_kept']['kept']}/{f['general_kept']['base_right']} | {more.get('kept', '-')}/{more.get('base_right', '-')} "
+            f"| {probes.get('kept', '-')}/{probes.get('base_right', '-')} "
             f"| {f['replay_samples']} | {r['wall_seconds']:.0f} s | {r['cpu_seconds']:.0f} s | {r['load_average_before'][0]}-{r['load_average_after'][0]} |"
         )
     return "\n".join(lines)

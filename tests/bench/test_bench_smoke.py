@@ -83,3 +83,27 @@ def test_zero_memory_planner_figures_and_gpu_dry_run(tmp_path):
         assert entry["planner"]["per_gpu_bytes"] > 0 and entry["flops_per_token_at_512"] > 0
         assert entry.get("deepspeed_zero", {}).get("stage") in (2, 3) or "skipped" in entry, name
     assert gpu.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and gpu.peak_tflops("Unknown GPU") is None
+
+
+def test_retention_figures_check_the_general_goal_on_both_question_sets():
+    """bench.retention counts the question file's general questions and the 60 more of
+    bench/heldout/general.jsonl together for the 14-of-15 goal, and shows each."""
+    from bench import retention
+    from kubetune.cli.run import load_questions, score
+
+    more = load_questions(retention.GENERAL)
+    assert len(more) == 60 and {q["kind"] for q in more} == {"general"}
+    asked = [{"kind": "trained", "question": "q", "expect": ["a"]}, {"kind": "general", "question": "g", "expect": ["yes"]}]
+    answers = {"scores": score(asked, ["a", "no"], ["a", "yes"])}  # the one general answer the base had right is lost
+    answers["general_more"] = {"scores": score(more, [q["expect"][0] for q in more], [q["expect"][0] for q in more])}
+    result = {"figures": retention.figures(answers, None), "wall_seconds": 100.0, "set": "s", "tag": "", "cpu_seconds": 1.0,
+              "load_average_before": [0.1], "load_average_after": [0.2]}
+    f = result["figures"]
+    assert f["general_kept"]["kept"] == 0 and f["general_kept"]["base_right"] == 1
+    assert f["general_more_kept"]["kept"] == f["general_more_kept"]["base_right"] == 60
+    assert (f["general_all_kept"]["kept"], f["general_all_kept"]["base_right"]) == (60, 61)
+    assert retention.met(result)["general_kept"] is True  # 60/61 >= 14/15
+    answers["general_more"]["scores"]["general"]["kept"] = 55
+    result["figures"] = retention.figures(answers, None)
+    assert retention.met(result)["general_kept"] is False  # 55/61 < 14/15
+    assert "| 0/1 | 55/60 |" in retention.table([result])
