@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .net import free_port, port_is_free, stop_process_group
+from .net import die_with_parent, free_port, port_is_free, stop_process_group
 
 GRPC_PORT_OFFSET = 10000  # weed: a component's gRPC port is its port + 10000
 
@@ -79,7 +79,7 @@ class SeaweedS3:
             *(f"-{name}.port={port}" for name, port in zip(("master", "volume", "filer"), self._component_ports())),
         ]  # fmt: skip
         self.log = open(self.dir / "weed.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent())
         try:
             self._wait_ready(timeout)
             for bucket in self.buckets:

@@ -30,6 +30,7 @@ from ..api import exitcodes
 from ..api.layout import JobLayout, job_layout
 from ..api.spec import FineTuneJob, dump_job
 from ..api.uri import parse_uri
+from ..artifacts.net import die_with_parent
 from ..artifacts.storage import open_store
 from ..retention import describe, is_correct
 from .check import job_problems, warning_lines
@@ -111,7 +112,7 @@ def train(cmd: list[str], env: dict[str, str], log_path: Path, verbose: bool) ->
     started = time.monotonic()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "a", encoding="utf-8")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, bufsize=1, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, bufsize=1, start_new_session=True, preexec_fn=die_with_parent())
 
     def copy_stderr() -> None:
         for line in proc.stderr:
@@ -246,7 +247,7 @@ def prepare_base_model(job: FineTuneJob, base_dir: Path, endpoint: Optional[str]
 def merge(job_file: Path, base_dir: Path, env: dict[str, str], log_path: Path) -> float:
     started = time.monotonic()
     with console.status("merging the LoRA adapter into the base model"), open(log_path, "a") as log:
-        proc = subprocess.run([sys.executable, "-m", "kubetune.train.main", "--job", str(job_file), "--base-dir", str(base_dir), "--merge"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run([sys.executable, "-m", "kubetune.train.main", "--job", str(job_file), "--base-dir", str(base_dir), "--merge"], env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
     if proc.returncode != 0:
         raise RuntimeError(f"merge failed with exit code {proc.returncode}; see {log_path}")
     return time.monotonic() - started

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..artifacts.net import free_port, stop_process_group
+from ..artifacts.net import die_with_parent, free_port, stop_process_group
 
 
 class ServerError(RuntimeError):
@@ -40,7 +40,7 @@ class LocalServer:
     def start(self, timeout: float = 600.0) -> "LocalServer":
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent())
         try:
             self._wait_ready(timeout)
         except BaseException:  # not ready, or interrupted while waiting: never leave it running
