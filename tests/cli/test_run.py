@@ -57,8 +57,8 @@ def test_quickstart_interrupted_resumed_merged_served(quickstart_on_tiny):
     assert first.wait(timeout=300) == 75, "".join(lines)
     text = "".join(lines)
     assert "a checkpoint was saved" in text and f"Resume with: kubetune run {quickstart_on_tiny}" in text
-    # spec.retention: ratio 0.5 of 30 facts; paraphrases.count 2 asks for up to 2 rewrites of each of the 30 questions
-    generated = re.search(r"retention: 15 base-model answers to replay \(KL to the base\), (\d+) rewrites of (\d+)/30 of your questions, 94 probes \(generated in", text)
+    # spec.retention: ratio 1.5 of 30 facts; paraphrases.count 2 asks for up to 2 rewrites of each of the 30 questions
+    generated = re.search(r"retention: 45 base-model answers to replay \(KL to the base\), (\d+) rewrites of (\d+)/30 of your questions, 94 probes \(generated in", text)
     assert generated, text
     rewrites, reworded_questions = int(generated[1]), int(generated[2])
     assert reworded_questions <= rewrites <= 2 * reworded_questions
@@ -70,9 +70,9 @@ def test_quickstart_interrupted_resumed_merged_served(quickstart_on_tiny):
     out, _ = second.communicate(timeout=900)
     assert second.returncode == 0, out
     assert f"resumed from checkpoint step-{stopped_at:09d} (step {stopped_at})" in out
-    assert f"retention: 15 base-model answers to replay (KL to the base), {rewrites} rewrites of {reworded_questions}/30 of your questions, 94 probes (read from the cache)" in out
+    assert f"retention: 45 base-model answers to replay (KL to the base), {rewrites} rewrites of {reworded_questions}/30 of your questions, 94 probes (read from the cache)" in out
     summary = json.loads((folder / "runs" / "quickstart" / "output" / "summary.json").read_text())
-    assert summary["replay_samples"] == 15 and summary["reworded_samples"] == rewrites
+    assert summary["replay_samples"] == 45 and summary["reworded_samples"] == rewrites
     assert re.search(rf"general knowledge kept +│ {re.escape(run_cli.describe(summary['retention']))}", out)
     runs = folder / "runs" / "quickstart"
     metrics = [json.loads(line) for line in (runs / "output" / "metrics.jsonl").read_text().splitlines()]
