@@ -184,8 +184,8 @@ def run_set(name: str, workdir: Path, overrides: list[tuple[str, Any]], tag: str
         base = base_answers_in_process(document, questions, asked, workdir)
         tuned = answer_in_process(run_dir / "output" / "model", asked, max_tokens(document))
         answers = {"questions": asked, "answers": tuned, "base_answers": base, "scores": score(asked, tuned, base)}
-        (run_dir / "answers.json").write_text(json.dumps(answers, indent=2, ensure_ascii=False))
-    answers = json.loads((run_dir / "answers.json").read_text())
+    else:
+        answers = json.loads((run_dir / "answers.json").read_text())  # what `kubetune run --questions` wrote
     more = load_questions(GENERAL)
     base_more = base_answers_in_process(document, GENERAL, more, workdir)
     tuned_more = answer_in_process(run_dir / "output" / "model", more, max_tokens(document))

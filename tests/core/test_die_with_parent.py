@@ -39,7 +39,7 @@ def alive(pid: int) -> bool:
 
 
 def child_after_parent_killed(mode: str, wait: float) -> tuple[int, bool]:
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, mode], stdout=subprocess.PIPE, text=True, env={**os.environ})
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, mode], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     assert alive(child)
     parent.send_signal(signal.SIGKILL)
