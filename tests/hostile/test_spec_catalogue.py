@@ -236,11 +236,6 @@ SEMANTIC_CATALOGUE = [
     ({"spec__training": {"eval": {"generate": True}}}, "spec.training.eval.generate: needs a validation set: set dataset.validation ({ratio: 0.1} or {uri: ...})"),
     ({"spec__retention": {"replay": {"uri": "/home/me/prompts.jsonl"}}}, "spec.retention.replay.uri: '/home/me/prompts.jsonl' is a local path, which pods cannot see; use s3://BUCKET/KEY or pvc://CLAIM/PATH"),
     ({"spec__retention": {"probes": {"uri": "s3://data/../x.jsonl"}}}, "spec.retention.probes.uri: 's3://data/../x.jsonl' contains '..'; locations may not climb out of their bucket"),
-    (
-        {"spec__method": {"type": "full"}, "spec__retention": {"replay": {"loss": "kl"}}},
-        "spec.retention.replay.loss: kl compares with the base model by switching the adapter off, but method.type full trains the model's "
-        "own weights and keeps no copy of the base model to compare with; use tokens",
-    ),
     ({"metadata__name": "1abc"}, "metadata.name: '1abc' must start with a letter: the job's Services are named after it"),
 ]
 

@@ -47,7 +47,28 @@ def test_ranks_share_the_work_and_get_the_answers_of_one_process(tiny):
     second = answer_share(model, tokenizer, prompts, 6, 2, rank=1, world=2, synced=False, device=torch.device("cpu"))
     assert set(first) & set(second) == set() and set(first) | set(second) == set(range(5))
     assert {**first, **second} == alone
-    assert all(len(ids) == 6 or finished for ids, finished in alone.values())
+    assert all(len(ids) == 6 or finished for ids, finished, _ in alone.values())
+
+
+def test_each_replayed_token_keeps_the_distribution_it_was_drawn_from(tiny):
+    # Left-padded in one batch, with a KV cache: the recorded distributions are those of one
+    # plain forward pass over prompt + answer, which is what training compares with.
+    from kubetune.train.loss import top_k_distribution
+
+    model, tokenizer = tiny
+    prompts = [prompt_ids(tokenizer, q) for q in ["Hi", "What is 2 plus 2?", "Name a colour, please, and say why you like it."]]
+    answers = answer_share(model, tokenizer, prompts, 7, 3, rank=0, world=1, synced=False, device=torch.device("cpu"), top_k=8)
+    for i, prompt in enumerate(prompts):
+        ids, finished, targets = answers[i]
+        assert len(targets) == len(ids) > 0 and targets.ids.shape == (len(ids), 8) and targets.logp.shape == (len(ids), 9)
+        assert targets.ids[:, 0].tolist() == ids  # greedy: each answer token is its distribution's most likely one
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1]
+        top, logp = top_k_distribution(logits, 8)
+        assert torch.equal(top, targets.ids)
+        assert torch.allclose(logp, targets.logp, atol=1e-4)
+    # Without top_k nothing is kept (probes, rewrites).
+    assert all(t is None for _, _, t in answer_share(model, tokenizer, prompts, 7, 3, rank=0, world=1, synced=False, device=torch.device("cpu")).values())
 
 
 def prepare(retention: Retention, model_dir, store, tokenizer, build) -> dict:
@@ -68,8 +89,8 @@ def test_generation_is_deterministic_for_a_seed_and_cached(tiny, tiny_model_dir,
     first = Retention.plan(job(tiny_model_dir), examples(40), cache_dir=tmp_path / "c")
     info = prepare(first, tiny_model_dir, store, tokenizer, build)
     assert len(first.sets.replay) == 20 and info["cached"] is False and len(builds) == 1
-    (cached,) = store.list("retention/")
-    assert info["cache"] == f"{store.root}/{cached.key}"
+    cached, targets = sorted(store.list("retention/"), key=lambda o: not o.key.endswith(".json"))
+    assert info["cache"] == f"{store.root}/{cached.key}" and targets.key.endswith(".safetensors")
     document = json.loads(store.get_bytes(cached.key))
     assert [r["prompt"] for r in document["replay"]] == first.sets.replay
     assert len(document["probes"]) == len(first.sets.probes) and all(len(r["ids"]) <= 8 for r in document["replay"])
@@ -78,13 +99,19 @@ def test_generation_is_deterministic_for_a_seed_and_cached(tiny, tiny_model_dir,
     again = Retention.plan(job(tiny_model_dir), examples(40), cache_dir=tmp_path / "c")
     assert prepare(again, tiny_model_dir, store, tokenizer, build)["cached"] is True and len(builds) == 1
     assert again.base.replay == first.base.replay and again.base.probes == first.base.probes
-    samples = again.replay_samples(tokenizer, LengthLimits(64))
+    for read, made in zip(again.base.replay, first.base.replay):  # the base's distributions come back too
+        assert torch.equal(read.targets.ids, made.targets.ids) and torch.equal(read.targets.logp, made.targets.logp)
+    assert 0.0 < again.info["replay_top_k_mass"] <= 1.0
+    samples = again.replay_samples(tokenizer, LengthLimits(64), loss="kl")
     assert len(samples) == 20 and again.info["samples"] == 20
+    assert all(torch.equal(s.distill.ids, a.targets.ids) for s, a in zip(samples, again.base.replay))
+    assert all(s.distill is None for s in again.replay_samples(tokenizer, LengthLimits(64), loss="tokens"))
 
     # Elsewhere, from scratch, with the same seed: the same prompts and answers, byte for byte.
     other = open_store(str(tmp_path / "elsewhere"))
     prepare(Retention.plan(job(tiny_model_dir), examples(40), cache_dir=tmp_path / "c"), tiny_model_dir, other, tokenizer, build)
     assert other.get_bytes(cached.key) == store.get_bytes(cached.key) and len(builds) == 2
+    assert other.get_bytes(targets.key) == store.get_bytes(targets.key)
 
     # Another seed replays other prompts: another cache entry.
     reseeded = Retention.plan(job(tiny_model_dir, seed=99), examples(40), cache_dir=tmp_path / "c")
@@ -97,12 +124,18 @@ def test_a_damaged_cache_is_answered_again(tiny, tiny_model_dir, tmp_path):
     store = open_store(str(tmp_path / "checkpoints"))
     retention = Retention.plan(job(tiny_model_dir), examples(10), cache_dir=tmp_path / "c")
     prepare(retention, tiny_model_dir, store, tokenizer, lambda: model)
-    (cached,) = store.list("retention/")
-    good = store.get_bytes(cached.key)
-    store.put_bytes(cached.key, good[: len(good) // 2])
+    for damaged in store.list("retention/"):  # the answers, then the base's distributions
+        good = store.get_bytes(damaged.key)
+        store.put_bytes(damaged.key, good[: len(good) // 2])
+        again = Retention.plan(job(tiny_model_dir), examples(10), cache_dir=tmp_path / "c")
+        assert prepare(again, tiny_model_dir, store, tokenizer, lambda: model)["cached"] is False, damaged.key
+        assert store.get_bytes(damaged.key) == good
+    # Answers without their distributions (a put lost between the two): answered again.
+    (targets,) = [o.key for o in store.list("retention/") if o.key.endswith(".safetensors")]
+    store.delete([targets])
     again = Retention.plan(job(tiny_model_dir), examples(10), cache_dir=tmp_path / "c")
     assert prepare(again, tiny_model_dir, store, tokenizer, lambda: model)["cached"] is False
-    assert store.get_bytes(cached.key) == good
+    assert targets in [o.key for o in store.list("retention/")]
 
 
 def test_rewrites_are_cached_and_trained_with_the_users_answers(tiny, tiny_model_dir, tmp_path):

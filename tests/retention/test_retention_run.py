@@ -142,7 +142,7 @@ def test_two_zero3_ranks_split_the_generation_and_answer_as_one_process(tmp_path
     seen = events(proc.stdout)
     (replay,) = by_kind(seen, "replay")
     assert replay["cached"] is False and len(by_kind(seen, "retention")) == 1 and replay["rewrite_questions"] == 20
-    # LoRA replays by KL to the base: under ZeRO-3 on 2 ranks the base forward runs on every micro batch alike (no hang)
+    # LoRA replays by KL toward the base's distributions recorded while generating: no base forward in training
     assert replay["loss"] == "kl" and len(by_kind(seen, "step")) == 3
     distributed = Path(replay["cache"].removeprefix("file://")).read_bytes()
 
@@ -157,6 +157,12 @@ def test_two_zero3_ranks_split_the_generation_and_answer_as_one_process(tmp_path
                   {"zero_optimization": {"stage": 0}}, rank=0, world=1, device=torch.device("cpu"))  # fmt: skip
     assert replay["cache"].endswith(f"base-answers-{key}.json")
     assert store.get_bytes(f"retention/base-answers-{key}.json") == distributed
+    # The distributions too, from the partitioned model, up to float rounding.
+    from safetensors.torch import load
+
+    split = load(Path(replay["cache"].removeprefix("file://")).with_name(f"base-targets-{key}.safetensors").read_bytes())
+    whole = load(store.get_bytes(f"retention/base-targets-{key}.safetensors"))
+    assert torch.equal(split["ids"], whole["ids"]) and torch.allclose(split["logp"], whole["logp"], atol=1e-4)
     rewrites = json.loads(distributed)["paraphrases"]
     assert [r["question"] for r in rewrites] == [f"What is {i} plus {i}?" for i in range(20)]
     assert all(len(r["written"]) == 3 for r in rewrites)

@@ -336,6 +336,9 @@ class DistributedSpec(SpecModel):
 # spec.retention
 
 
+REPLAY_TOP_K = 32  # replay.loss kl: the base model's most likely tokens kept per replayed answer token (train/loss.py)
+
+
 class ReplaySpec(SpecModel):
     ratio: StrictFloat = Field(
         0.5,
@@ -356,13 +359,12 @@ class ReplaySpec(SpecModel):
     )
     loss: Optional[Literal["kl", "tokens"]] = Field(
         None,
-        description="How replayed answers are trained. kl: at every token of a replayed answer the tuned model's "
-        "next-token distribution is pulled toward the base model's (KL divergence; the base is the same model with "
-        "the adapter switched off, one more forward pass without gradients on the rows that hold replay): the model "
-        "keeps what it would have said, without being sharpened onto one greedy answer, which itself moves other "
-        "answers. tokens: cross-entropy on the base model's greedy answer, like your data. Default: kl where the "
-        "adapter can be switched off (lora, ptuning, prompt, and qlora unless it continues method.adapterUri), "
-        "tokens for full and freeze, which keep no copy of the base.",
+        description="How replayed answers are trained. kl (the default): at every token of a replayed answer the "
+        "tuned model's next-token distribution is pulled toward the base model's (KL divergence over the base's "
+        f"{REPLAY_TOP_K} most likely tokens and one bucket for the rest, recorded while the base model wrote the answer and cached "
+        "with it, so training runs no second model): the model keeps what it would have said, without being "
+        "sharpened onto one greedy answer, which itself moves other answers. tokens: cross-entropy on the base "
+        "model's greedy answer, like your data.",
     )
 
 
@@ -527,21 +529,10 @@ class FineTuneJobSpec(SpecModel):
     )
 
     def replay_loss(self) -> Optional[str]:
-        """How spec.retention.replay trains the base model's answers ("kl" or "tokens"; None without
-        retention): the user's choice, else kl where switching the adapter off gives back the model that
-        answered. Whether that holds is `replay_kl_problem`."""
+        """How spec.retention.replay trains the base model's answers ("kl" or "tokens"; None without retention)."""
         if self.retention is None:
             return None
-        return self.retention.replay.loss or ("tokens" if self.replay_kl_problem() else "kl")
-
-    def replay_kl_problem(self) -> Optional[str]:
-        """Why replay.loss kl cannot run for this method (None when it can)."""
-        method = self.method
-        if method.type in ("full", "freeze"):
-            return f"method.type {method.type} trains the model's own weights and keeps no copy of the base model to compare with; use tokens"
-        if method.type == "qlora" and method.adapter_uri:
-            return "a qlora job trains on from method.adapterUri's adapter (it cannot be merged into quantized weights), so switching the adapter off would not give back the model that answered; use tokens"
-        return None
+        return self.retention.replay.loss or "kl"
 
     def locations(self) -> list[tuple[str, str]]:
         """(field, URI) of every location the job reads or writes, unset ones left out."""

@@ -103,10 +103,6 @@ def _check_method(job: FineTuneJob) -> list[Problem]:
         problems.append(Problem(f"spec.method.{method.type}.targetModules", "all-linear already selects every linear layer; list either all-linear or module names"))
     if method.type == "qlora" and job.spec.training.precision == "fp32":
         problems.append(Problem("spec.training.precision", "qlora computes in 16 bits; use bf16, fp16 or auto"))
-    retention = job.spec.retention
-    kl_problem = job.spec.replay_kl_problem() if retention is not None and retention.replay.loss == "kl" else None
-    if kl_problem:
-        problems.append(Problem("spec.retention.replay.loss", f"kl compares with the base model by switching the adapter off, but {kl_problem}"))
     return problems
 
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 import bisect
 import random
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from .tokenize import IGNORE, Sample
+from .tokenize import IGNORE, BaseTargets, Sample
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Row:
     input_ids: list[int]
     labels: list[int]
     position_ids: Optional[list[int]] = None  # set for packed rows
-    distill: Optional[list[bool]] = None  # per token, from a distill sample (None when the row has none)
+    distill: Optional[list[tuple[int, BaseTargets]]] = None  # (where in the row, the targets of the tokens from there) per distill sample
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -85,16 +85,19 @@ def pack(samples: list[Sample], max_length: int) -> list[Row]:
             row.input_ids += samples[i].input_ids
             row.labels += samples[i].labels
             row.position_ids += list(range(len(samples[i])))
-        row.distill = _distill_mask([samples[i] for i in members])
+        row.distill = _distill_spans([samples[i] for i in members])
         rows.append(row)
     return rows
 
 
-def _distill_mask(samples: list[Sample]) -> Optional[list[bool]]:
-    """Per token of the samples laid end to end: from a distill sample? (None when none is.)"""
-    if not any(s.distill for s in samples):
-        return None
-    return [flag for s in samples for flag in [s.distill] * len(s)]
+def _distill_spans(samples: list[Sample]) -> Optional[list[tuple[int, BaseTargets]]]:
+    """Of the samples laid end to end, where each distill sample's targets start, with them (None when none has any)."""
+    spans, end = [], 0
+    for s in samples:
+        end += len(s)
+        if s.distill is not None:
+            spans.append((end - len(s.distill), s.distill))
+    return spans or None
 
 
 def fill_ratio(rows: list[Row], max_length: int) -> float:
@@ -104,7 +107,7 @@ def fill_ratio(rows: list[Row], max_length: int) -> float:
 
 def rows_from_samples(samples: list[Sample], max_length: int, packing: bool, seed: int) -> list[Row]:
     if not packing:
-        return [Row(s.input_ids, s.labels, distill=_distill_mask([s])) for s in samples]
+        return [Row(s.input_ids, s.labels, distill=_distill_spans([s])) for s in samples]
     # Pack in a seeded shuffled order so packs mix samples from the whole file.
     order = list(range(len(samples)))
     random.Random(f"pack:{seed}").shuffle(order)
@@ -197,16 +200,42 @@ def collate(rows: list[Row], pad_id: int) -> dict:
     batch = {"input_ids": ids, "labels": labels}
     batch["position_ids" if packed else "attention_mask"] = mask_or_pos
     if any(r.distill for r in rows):
-        distill = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, row in enumerate(rows):
-            if row.distill:
-                distill[i, : len(row)] = torch.tensor(row.distill)
-        batch["distill"] = distill  # not a forward argument: the loss reads it (train/loss.py)
+        batch["distill"] = DistillBatch.of(rows, width)  # not a forward argument: the loss reads it (train/loss.py)
     # Non-padding tokens (what tokens/s counts) and the tokens the loss averages over; not
     # forward arguments (model_inputs leaves them out).
     batch["num_tokens"] = sum(len(r) for r in rows)
     batch["trained_tokens"] = sum(r.trained_tokens for r in rows)
     return batch
+
+
+@dataclass(frozen=True)
+class DistillBatch:
+    """A batch's replayed answer tokens and the base model's distributions there: `mask`
+    [rows, width] marks them; `ids` [rows, width, k] and `logp` [rows, width, k+1] hold their
+    BaseTargets (zeros elsewhere)."""
+
+    mask: Any
+    ids: Any
+    logp: Any
+
+    @classmethod
+    def of(cls, rows: list[Row], width: int) -> "DistillBatch":
+        import torch
+
+        k = next(t.ids.shape[1] for r in rows if r.distill for _, t in r.distill)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        ids = torch.zeros((len(rows), width, k), dtype=torch.long)
+        logp = torch.zeros((len(rows), width, k + 1), dtype=torch.float32)
+        for i, row in enumerate(rows):
+            for start, targets in row.distill or ():
+                end = start + len(targets)
+                mask[i, start:end] = True
+                ids[i, start:end] = targets.ids
+                logp[i, start:end] = targets.logp
+        return cls(mask, ids, logp)
+
+    def to(self, device) -> "DistillBatch":
+        return DistillBatch(self.mask.to(device), self.ids.to(device), self.logp.to(device))
 
 
 COUNTS = ("num_tokens", "trained_tokens")

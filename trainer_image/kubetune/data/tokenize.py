@@ -32,7 +32,7 @@ tokenized exactly as one call on the rendered conversation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from .converters import Message
 from .encoding import TemplateError, encode_chat, encode_plain, render_chat, special_tokens
@@ -52,11 +52,28 @@ CHATML_TEMPLATE = (
 NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}
 
 
+@dataclass(frozen=True)
+class BaseTargets:
+    """The base model's next-token distributions at the tokens of an answer it wrote
+    (spec.retention.replay.loss kl; train/loss.py): row j is the distribution its token j was
+    drawn from, kept to the k most likely tokens, `ids` [n, k], and their log-probabilities,
+    `logp` [n, k+1], whose last column is the rest of the vocabulary together."""
+
+    ids: Any  # torch.LongTensor [n, k]
+    logp: Any  # torch.FloatTensor [n, k+1]
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def head(self, n: int) -> "BaseTargets":
+        return BaseTargets(self.ids[:n], self.logp[:n])
+
+
 @dataclass
 class Sample:
     input_ids: list[int]
     labels: list[int]
-    distill: bool = False  # its trained tokens learn the base model's distribution, not the label (spec.retention.replay.loss kl)
+    distill: Optional[BaseTargets] = None  # its last len(distill) tokens learn these distributions, not their labels
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -7,14 +7,20 @@ the numbers slightly, and greedy decoding could amplify that). Under ZeRO-3 ever
 pass gathers parameters from all ranks, so every rank must call generate equally often and
 decode the same number of steps: a rank short of a batch repeats its first one (answers
 discarded) and `synced` makes generate keep stepping until every rank is done.
+
+With `top_k` (the replay prompts) each answer also keeps the base model's next-token
+distribution at each of its tokens, from the logits the generation computed anyway, kept to
+the k most likely tokens (BaseTargets): what replay.loss kl trains toward (train/loss.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
+
+from ..data.tokenize import BaseTargets
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,7 @@ class Answer:
     ids: list[int]  # generated token ids, up to and including the end-of-turn token when finished
     text: str  # decoded without special tokens
     finished: bool  # ended with an end-of-turn token within max_new_tokens
+    targets: Optional[BaseTargets] = field(default=None, compare=False)  # per token of `ids`, with top_k
 
 
 def batch_plan(lengths: list[int], batch_size: int, world: int) -> list[tuple[list[list[int]], int]]:
@@ -50,9 +57,13 @@ def stop_token_ids(tokenizer, model) -> set[int]:
     return ids
 
 
-def greedy_batch(model, prompts: list[list[int]], pad_id: int, stop_ids: set[int], max_new_tokens: int, synced: bool, device) -> list[list[int]]:
-    """Generated ids (beyond each prompt, padding and all) for one left-padded batch."""
+def greedy_batch(model, prompts: list[list[int]], pad_id: int, stop_ids: set[int], max_new_tokens: int, synced: bool, device,
+                 top_k: int = 0) -> list[tuple[list[int], Optional[BaseTargets]]]:  # fmt: skip
+    """Per prompt of one left-padded batch: the generated ids (padding and all), and with
+    `top_k` the distribution each was drawn from (kept to its top_k tokens, on the CPU)."""
     import torch
+
+    from ..train.loss import top_k_distribution
 
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -70,8 +81,16 @@ def greedy_batch(model, prompts: list[list[int]], pad_id: int, stop_ids: set[int
         eos_token_id=sorted(stop_ids),
         use_cache=True,
         synced_gpus=synced,
+        return_dict_in_generate=True,
+        output_logits=bool(top_k),  # the model's own logits, before any logits processor
     )
-    return out[:, width:].tolist()
+    generated = out.sequences[:, width:].tolist()
+    if not top_k:
+        return [(g, None) for g in generated]
+    steps = [top_k_distribution(logits, top_k) for logits in out.logits]  # per step: ids [batch, k], logp [batch, k+1]
+    top_ids = torch.stack([s[0] for s in steps], dim=1).cpu()
+    logp = torch.stack([s[1] for s in steps], dim=1).cpu()
+    return [(g, BaseTargets(top_ids[i], logp[i])) for i, g in enumerate(generated)]
 
 
 def _all_gather(obj, world: int) -> list:
@@ -84,35 +103,43 @@ def _all_gather(obj, world: int) -> list:
     return gathered
 
 
-def answer_share(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, rank: int, world: int, synced: bool, device) -> dict[int, tuple[list[int], bool]]:
-    """This rank's share of the answers: {prompt index: (answer ids, finished)}."""
+Share = dict[int, tuple[list[int], bool, Optional[BaseTargets]]]
+
+
+def answer_share(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, rank: int, world: int, synced: bool, device,
+                 top_k: int = 0) -> Share:  # fmt: skip
+    """This rank's share of the answers: {prompt index: (answer ids, finished, targets with top_k)}."""
     import torch
 
     stop_ids = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    mine: dict[int, tuple[list[int], bool]] = {}
+    mine: Share = {}
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             batches, own = batch_plan([len(p) for p in prompts], batch_size, world)[rank]
             for k, batch in enumerate(batches):
-                generated = greedy_batch(model, [prompts[i] for i in batch], pad_id, stop_ids, max_new_tokens, synced, device)
+                generated = greedy_batch(model, [prompts[i] for i in batch], pad_id, stop_ids, max_new_tokens, synced, device, top_k)
                 if k < own:
-                    mine.update((i, cut_answer(ids, stop_ids)) for i, ids in zip(batch, generated))
+                    for i, (ids, targets) in zip(batch, generated):
+                        answer, finished = cut_answer(ids, stop_ids)
+                        mine[i] = (answer, finished, None if targets is None else targets.head(len(answer)))
     finally:
         model.train(was_training)
     return mine
 
 
-def answer_all(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, rank: int, world: int, synced: bool, device) -> list[Answer]:
-    """Greedy answers to every prompt (token ids), computed across the ranks, returned on every rank."""
+def answer_all(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, rank: int, world: int, synced: bool, device,
+               top_k: int = 0) -> list[Answer]:  # fmt: skip
+    """Greedy answers to every prompt (token ids), computed across the ranks, returned on every
+    rank; with `top_k`, each with the base model's distributions at its tokens."""
     if not prompts:
         return []
-    answers: dict[int, tuple[list[int], bool]] = {}
-    for share in _all_gather(answer_share(model, tokenizer, prompts, max_new_tokens, batch_size, rank, world, synced, device), world):
+    answers: Share = {}
+    for share in _all_gather(answer_share(model, tokenizer, prompts, max_new_tokens, batch_size, rank, world, synced, device, top_k), world):
         answers.update(share)
-    return [Answer(ids, tokenizer.decode(ids, skip_special_tokens=True).strip(), finished) for ids, finished in (answers[i] for i in range(len(prompts)))]
+    return [Answer(ids, tokenizer.decode(ids, skip_special_tokens=True).strip(), finished, targets) for ids, finished, targets in (answers[i] for i in range(len(prompts)))]
 
 
 def inference_config(ds_config: dict) -> dict:

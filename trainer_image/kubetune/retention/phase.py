@@ -5,7 +5,9 @@ become training samples; after training, the tuned model answers the probes agai
 two sets of answers are compared (measure.py).
 
 The cache is one JSON object beside the checkpoints, `CHECKPOINTS/retention/base-answers-KEY.json`,
-written by rank 0 in one atomic put. KEY hashes everything that changes the answers: the
+written by rank 0 in one atomic put, after `base-targets-KEY.safetensors`: the base model's
+next-token distributions at every replayed answer token (its top-k, train/loss.py), which
+replay.loss kl trains toward. The JSON is the commit: without its targets it is answered again. KEY hashes everything that changes the answers: the
 model's files, the adapter continued from, quantization and precision, the chat template,
 the prompts, probe questions and questions to rewrite in order, and the generation settings. A restart (or a
 resumed run) with the same spec reads it instead of generating again.
@@ -22,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..api.spec import FineTuneJob, RetentionSpec
+from ..api.spec import REPLAY_TOP_K, FineTuneJob, RetentionSpec
 from ..data.loader import Example
-from ..data.tokenize import IGNORE, LengthLimits, Sample, tokenize_examples, truncate_turns
+from ..data.tokenize import IGNORE, BaseTargets, LengthLimits, Sample, tokenize_examples, truncate_turns
 from . import paraphrase
 from .generate import Answer, answer_all, generation_model
 from .measure import retention_report
@@ -33,7 +35,7 @@ from .sets import RetentionSets, plan_sets
 log = logging.getLogger("kubetune.retention")
 
 # Bump when the way answers are generated changes: old cache entries then stop matching.
-GENERATION_VERSION = 2
+GENERATION_VERSION = 3
 CACHE_PREFIX = "retention"
 SMALL_FILE = 16 * 1024 * 1024  # model files up to this size are hashed whole, larger ones by name and size
 
@@ -65,13 +67,23 @@ def prompt_ids(tokenizer, question) -> list[int]:
     return encode_chat(tokenizer, messages, add_generation_prompt=True).ids
 
 
-def replay_sample(prompt: list[int], answer: list[int], limits: LengthLimits, distill: bool = False) -> Optional[Sample]:
+def replay_sample(prompt: list[int], answer: list[int], limits: LengthLimits, targets: Optional[BaseTargets] = None) -> Optional[Sample]:
     """The base model's own answer as a training sample (answer tokens trained, within the job's
-    length limits); `distill`: trained toward the base model's distributions (replay.loss kl)."""
-    (prompt, answer), *_ = truncate_turns([(prompt, answer)], limits)
-    if not answer:
+    length limits); with its `targets` it is trained toward them (replay.loss kl). None when
+    nothing of the answer fits, or when the prompt had to be cut and the targets, computed
+    after the whole prompt, would describe another question."""
+    (kept, answer), *_ = truncate_turns([(prompt, answer)], limits)
+    if not answer or (targets is not None and len(kept) < len(prompt)):
         return None
-    return Sample(prompt + answer, [IGNORE] * len(prompt) + answer, distill=distill)
+    return Sample(kept + answer, [IGNORE] * len(kept) + answer, distill=None if targets is None else targets.head(len(answer)))
+
+
+def top_k_mass(answers: list[Answer]) -> Optional[float]:
+    """The mean share of the base model's probability its kept top-k tokens hold, over all replayed answer tokens."""
+    import math
+
+    rest = [float(x) for a in answers if a.targets is not None for x in a.targets.logp[:, -1]]
+    return round(1.0 - sum(math.exp(x) for x in rest) / len(rest), 4) if rest else None
 
 
 @contextlib.contextmanager
@@ -139,6 +151,7 @@ class Retention:
             "replay": self.sets.replay,
             "probes": [p.question for p in self.sets.probes],
             "replay_max_new_tokens": self.spec.replay.max_new_tokens,
+            "replay_top_k": REPLAY_TOP_K,
             "probe_max_new_tokens": self.spec.probes.max_new_tokens,
             "batch_size": self.spec.batch_size,
             "rewrite": self.questions,
@@ -148,20 +161,22 @@ class Retention:
 
     def prepare(self, store, key: str, tokenizer, build: Callable[[], object], ds_config: dict, rank: int, world: int, device) -> BaseAnswers:
         """The base model's answers: from the cache, else generated on every rank (rank 0 writes the cache)."""
-        name = f"{CACHE_PREFIX}/base-answers-{key}.json"
-        self.base = self._read(store, name)
+        name, targets = f"{CACHE_PREFIX}/base-answers-{key}.json", f"{CACHE_PREFIX}/base-targets-{key}.safetensors"
+        self.base = self._read(store, name, targets)
         if self.base is None:
             started = time.monotonic()
             with generation_model(build, ds_config, world) as (model, synced), base_behaviour(model):
-                replay = self._answer(model, tokenizer, self.sets.replay, self.spec.replay.max_new_tokens, rank, world, synced, device)
+                replay = self._answer(model, tokenizer, self.sets.replay, self.spec.replay.max_new_tokens, rank, world, synced, device, REPLAY_TOP_K)
                 probes = self._answer(model, tokenizer, [p.question for p in self.sets.probes], self.spec.probes.max_new_tokens, rank, world, synced, device)
                 rewrites = self._rewrite(model, tokenizer, rank, world, synced, device)
             self.base = BaseAnswers(replay, [a.text for a in probes], cached=False, seconds=round(time.monotonic() - started, 3), rewrites=rewrites)
             if rank == 0:
+                store.put_bytes(targets, self._targets())
                 store.put_bytes(name, self._document(key))
         self.info = {
             "replay_prompts": len(self.sets.replay),
             "replay_finished": sum(a.finished for a in self.base.replay),
+            "replay_top_k_mass": top_k_mass(self.base.replay),
             "probes": len(self.sets.probes),
             "rewrite_questions": len(self.questions),
             "cached": self.base.cached,
@@ -170,9 +185,9 @@ class Retention:
         }
         return self.base
 
-    def _answer(self, model, tokenizer, questions: list, max_new_tokens: int, rank: int, world: int, synced: bool, device) -> list[Answer]:
+    def _answer(self, model, tokenizer, questions: list, max_new_tokens: int, rank: int, world: int, synced: bool, device, top_k: int = 0) -> list[Answer]:
         prompts = [prompt_ids(tokenizer, q) for q in questions]
-        return answer_all(model, tokenizer, prompts, max_new_tokens, self.spec.batch_size, rank, world, synced, device)
+        return answer_all(model, tokenizer, prompts, max_new_tokens, self.spec.batch_size, rank, world, synced, device, top_k)
 
     def _rewrite(self, model, tokenizer, rank: int, world: int, synced: bool, device) -> list[list[str]]:
         """Every variant of every question to rewrite, as the base model wrote it (unfinished ones empty)."""
@@ -197,10 +212,44 @@ class Retention:
             indent=1,
         ).encode()
 
-    def _read(self, store, name: str) -> Optional[BaseAnswers]:
+    def _targets(self) -> bytes:
+        """The replay answers' targets, laid end to end, as safetensors bytes."""
+        import torch
+        from safetensors.torch import save
+
+        replay = self.base.replay
+        lengths = torch.tensor([len(a.ids) for a in replay], dtype=torch.int64)
+        if not replay:
+            return save({"lengths": lengths})
+        ids = torch.cat([a.targets.ids for a in replay]).to(torch.int32)
+        logp = torch.cat([a.targets.logp for a in replay]).to(torch.float32)
+        return save({"lengths": lengths, "ids": ids.contiguous(), "logp": logp.contiguous()})
+
+    @staticmethod
+    def _read_targets(data: bytes, answers: list[list[int]]) -> list[BaseTargets]:
+        import torch
+        from safetensors.torch import load
+
+        tensors = load(data)
+        lengths = tensors["lengths"].tolist()
+        if lengths != [len(a) for a in answers]:
+            raise ValueError("the targets do not match the answers' lengths")
+        if not answers:
+            return []
+        ids, logp = tensors["ids"].to(torch.long), tensors["logp"]
+        if ids.shape[0] != sum(lengths) or logp.shape != (ids.shape[0], ids.shape[1] + 1):
+            raise ValueError(f"targets of shapes {tuple(ids.shape)} and {tuple(logp.shape)} for {sum(lengths)} answer tokens")
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        return [BaseTargets(ids[a : a + n], logp[a : a + n]) for a, n in zip(starts, lengths)]
+
+    def _read(self, store, name: str, targets_name: str) -> Optional[BaseAnswers]:
+        from safetensors import SafetensorError
+
         try:
             document = json.loads(store.get_bytes(name))
-            replay = [Answer(list(r["ids"]), r["answer"], bool(r["finished"])) for r in document["replay"]]
+            ids = [list(r["ids"]) for r in document["replay"]]
+            targets = self._read_targets(store.get_bytes(targets_name), ids)
+            replay = [Answer(a, r["answer"], bool(r["finished"]), t) for a, r, t in zip(ids, document["replay"], targets)]
             probes = [r["answer"] for r in document["probes"]]
             rewrites = [[str(w) for w in r["written"]] for r in document.get("paraphrases", [])]
             same = (
@@ -210,7 +259,7 @@ class Retention:
             )
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, SafetensorError) as err:
             log.warning("ignoring the unreadable retention cache %s/%s (answering again): %s", store.root, name, err)
             return None
         if not same:
@@ -221,7 +270,7 @@ class Retention:
 
     def replay_samples(self, tokenizer, limits: LengthLimits, loss: str = "tokens") -> list[Sample]:
         """The replayed answers as training samples; `loss` the job's replay.loss (kl or tokens)."""
-        samples = [replay_sample(prompt_ids(tokenizer, p), a.ids, limits, distill=loss == "kl") for p, a in zip(self.sets.replay, self.base.replay)]
+        samples = [replay_sample(prompt_ids(tokenizer, p), a.ids, limits, a.targets if loss == "kl" else None) for p, a in zip(self.sets.replay, self.base.replay)]
         samples = [s for s in samples if s is not None]
         self.info["samples"] = len(samples)
         self.info["loss"] = loss

@@ -44,10 +44,28 @@ class TokenWeighting:
         return mean_loss * (tokens * self.divided_by / step_tokens)
 
 
+def top_k_distribution(logits, k: int):
+    """(ids [..., k], log-probabilities [..., k+1]) of a next-token distribution kept to its k
+    most likely tokens and one bucket for the rest of the vocabulary (the last column)."""
+    import torch.nn.functional as F
+
+    logp = F.log_softmax(logits.float(), dim=-1)
+    ids = logp.topk(min(k, logp.shape[-1] - 1), dim=-1).indices
+    return ids, on_buckets(logp, ids)
+
+
+def on_buckets(logp, ids):
+    """Log-probabilities [..., k+1] of the tokens `ids` [..., k] and of all other tokens together."""
+    import torch
+
+    rest = torch.logsumexp(logp.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)
+    return torch.cat([logp.gather(-1, ids), rest.clamp(min=-1e4)], dim=-1)
+
+
 def forward_backward(engine, inputs: dict, trained_tokens: int, step_tokens: int, weighting: TokenWeighting, distill=None) -> float:
     """Forward and backward of one micro batch with the token-weighted loss; returns the
     model's loss (the mean over the micro batch's trained tokens). `distill`: the batch's
-    per-token mask of replayed answers trained by KL to the base model (distilled_loss)."""
+    replayed answer tokens and the base model's distributions there (a DistillBatch, distilled_loss)."""
     loss = engine(**inputs).loss if distill is None else distilled_loss(engine, inputs, distill)
     engine.backward(weighting.backward_loss(loss, trained_tokens, step_tokens))
     return float(loss.detach())
@@ -55,18 +73,19 @@ def forward_backward(engine, inputs: dict, trained_tokens: int, step_tokens: int
 
 def distilled_loss(engine, inputs: dict, distill):
     """The mean over the micro batch's trained tokens of each token's loss: cross-entropy to its
-    label, or, where `distill` is set (spec.retention.replay.loss kl), KL(base || tuned) between
-    the base model's next-token distribution and the tuned model's.
+    label, or, at the replayed answer tokens of `distill` (spec.retention.replay.loss kl),
+    KL(base || tuned) between the base model's next-token distribution and the tuned model's.
 
-    The base model is the same module with its adapter switched off (peft's disable_adapter),
-    run without gradients on the rows that hold distilled tokens only; at the start of training
-    a LoRA is a no-op, so those tokens start at loss 0 and only pull back where training moved
-    the model away. The KL's gradient is the cross-entropy to the base's whole distribution:
-    unlike the greedy answer's one-hot label, it does not sharpen the model onto one answer.
-    Where ZeRO-3 partitions the weights over several ranks every forward is collective, so the
-    base forward runs on every micro batch (one row at least) of every rank alike.
+    The base model's distributions were recorded while it generated those answers, before
+    training (retention/generate.py), kept to their REPLAY_TOP_K most likely tokens (api/spec.py) and one
+    bucket for the rest of the vocabulary; the tuned model's is read on the same buckets. That
+    KL is the full-vocabulary KL of the two distributions coarsened to those k+1 outcomes: 0
+    where the tuned model still agrees with the base (a fresh LoRA), at most the full KL, and
+    its gradient moves the tuned model's mass toward the base's likely tokens, unlike the greedy
+    answer's one-hot label, which sharpens the model onto one answer. No base forward runs in
+    training, so it works for every method (full and freeze too, which keep no copy of the
+    base) and under ZeRO-3 the ranks' forward passes stay in step.
     """
-    import torch
     import torch.nn.functional as F
 
     from ..data.tokenize import IGNORE
@@ -75,19 +94,13 @@ def distilled_loss(engine, inputs: dict, distill):
     labels = inputs["labels"][:, 1:]  # the token each position predicts
     length = inputs["labels"].shape[1]
     trained = labels != IGNORE
-    kl_at = trained & distill[:, 1:]
-    rows = kl_at.any(dim=1)
-    if not rows.any():
-        rows[0] = True  # the collective forward (see above); it adds no loss
-    with torch.no_grad(), engine.module.disable_adapter():
-        base = engine.module(**{k: v[rows] if torch.is_tensor(v) else v for k, v in forward.items()}).logits
-        base_logp = F.log_softmax(base[:, -length:-1][kl_at[rows]].float(), dim=-1)
-        del base
+    kl_at = trained & distill.mask[:, 1:]
     logits = engine(**forward).logits[:, -length:-1]  # prompt learning puts virtual tokens first
     ce_at = trained & ~kl_at
     total = F.cross_entropy(logits[ce_at].float(), labels[ce_at], reduction="sum")
     if kl_at.any():
-        total = total + F.kl_div(F.log_softmax(logits[kl_at].float(), dim=-1), base_logp, log_target=True, reduction="sum")
+        tuned = on_buckets(F.log_softmax(logits[kl_at].float(), dim=-1), distill.ids[:, 1:][kl_at])
+        total = total + F.kl_div(tuned, distill.logp[:, 1:][kl_at], log_target=True, reduction="sum")
     return total / trained.sum().clamp(min=1)
 
 

@@ -165,8 +165,6 @@ class FineTuneRecipe:
         self.engine = build_engine(self.model, self.ds_config, t.learning_rate, t.weight_decay, self.data.total_steps, t.warmup_ratio, t.lr_scheduler)
         self._zero3_loading = None
         self.weighting = TokenWeighting.of(self.engine)
-        # replay.loss kl with weights partitioned over ranks: the base forward is collective, so every micro batch runs one
-        self.base_every_micro_batch = any(s.distill for s in self.replay) and self.engine.zero_optimization_partition_weights() and self.dist.world_size > 1
 
     def _resume(self) -> None:
         """Restore the newest complete checkpoint, if any; then report the start."""
@@ -213,16 +211,12 @@ class FineTuneRecipe:
     def _micro_step(self, epoch: Epoch) -> bool:
         """Forward and backward of this rank's next micro batch (token-weighted loss), and the
         optimizer step at the accumulation boundary. True at the boundary."""
-        import torch
-
         from ..data.batching import collate
 
         state, engine = self.state, self.engine
         batch = collate([self.data.rows[i] for i in epoch.batches[state.micro_batch]], self.tokenizer.pad_token_id)
         inputs = {k: v.to(self.dist.device) if hasattr(v, "to") else v for k, v in model_inputs(batch).items()}
         distill = batch.get("distill")
-        if distill is None and self.base_every_micro_batch:
-            distill = torch.zeros_like(batch["labels"], dtype=torch.bool)  # no distilled token; the base forward still runs
         distill = None if distill is None else distill.to(self.dist.device)
         loss = forward_backward(engine, inputs, batch["trained_tokens"], epoch.step_tokens_at(state.micro_batch), self.weighting, distill)
         boundary = engine.is_gradient_accumulation_boundary()
