@@ -166,3 +166,19 @@ def test_two_zero3_ranks_split_the_generation_and_answer_as_one_process(tmp_path
     rewrites = json.loads(distributed)["paraphrases"]
     assert [r["question"] for r in rewrites] == [f"What is {i} plus {i}?" for i in range(20)]
     assert all(len(r["written"]) == 3 for r in rewrites)
+
+
+def test_full_fine_tuning_replays_by_kl_toward_the_recorded_distributions(tmp_path, tiny_model_dir):
+    # No adapter to switch off: the base's distributions were recorded while it wrote the answers.
+    job = write_job(tmp_path, tiny_model_dir, "full", method={"type": "full"},
+                    training={"maxSteps": 4, "learningRate": 1e-3, "microBatchSize": 2, "maxLength": 64, "logEverySteps": 1})  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "kubetune.train.main", "--job", str(job)], capture_output=True, text=True, timeout=300, env=env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = events(proc.stdout)
+    (replay,) = by_kind(seen, "replay")
+    assert replay["loss"] == "kl" and replay["samples"] == 10 and 0.0 < replay["replay_top_k_mass"] <= 1.0
+    cache = Path(replay["cache"].removeprefix("file://"))
+    assert cache.with_name(cache.name.replace("base-answers-", "base-targets-").replace(".json", ".safetensors")).is_file()
+    steps = by_kind(seen, "step")
+    assert len(steps) == 4 and all(0.0 <= s["loss"] < 20 for s in steps)
+    assert len(by_kind(seen, "retention")) == 1
