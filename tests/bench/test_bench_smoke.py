@@ -107,3 +107,25 @@ def test_retention_figures_check_the_general_goal_on_both_question_sets():
     result["figures"] = retention.figures(answers, None)
     assert retention.met(result)["general_kept"] is False  # 55/61 < 14/15
     assert "| 0/1 | 55/60 |" in retention.table([result])
+
+
+def test_adapter_scale_merges_that_share_of_the_trained_update(tiny_model_dir, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from bench.adapter_scale import scaled_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)  # a trained update (B starts at zero)
+    model.save_pretrained(tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    merged = {s: scaled_model(tiny_model_dir, tmp_path / "adapter", s).state_dict() for s in (0.0, 0.5, 1.0)}
+    key = next(k for k in base if k.endswith("q_proj.weight"))
+    update = merged[1.0][key] - base[key]
+    assert float(update.abs().max()) > 1e-3
+    assert torch.allclose(merged[0.0][key], base[key])
+    assert torch.allclose(merged[0.5][key] - base[key], update / 2, atol=1e-6)
