@@ -25,6 +25,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+
 from bench.common import tokenize_chat
 
 PEERS = ("padded", "flattening", "trl_bfd")

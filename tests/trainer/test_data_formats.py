@@ -9,7 +9,7 @@ from trainer_helpers import trained_runs, write_jsonl
 
 from kubetune.api.spec import DatasetSpec
 from kubetune.data.converters import resolve_columns, to_messages
-from kubetune.data.loader import DataError, load_datasets, load_examples
+from kubetune.data.loader import load_datasets, load_examples
 from kubetune.data.tokenize import LengthLimits, TemplateError, install_chat_template, tokenize_messages, tokenize_text
 
 SYS = {"role": "system", "content": "Be brief."}
