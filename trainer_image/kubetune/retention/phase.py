@@ -7,10 +7,11 @@ two sets of answers are compared (measure.py).
 The cache is one JSON object beside the checkpoints, `CHECKPOINTS/retention/base-answers-KEY.json`,
 written by rank 0 in one atomic put, after `base-targets-KEY.safetensors`: the base model's
 next-token distributions at every replayed answer token (its top-k, train/loss.py), which
-replay.loss kl trains toward. The JSON is the commit: without its targets it is answered again. KEY hashes everything that changes the answers: the
-model's files, the adapter continued from, quantization and precision, the chat template,
-the prompts, probe questions and questions to rewrite in order, and the generation settings. A restart (or a
-resumed run) with the same spec reads it instead of generating again.
+replay.loss kl trains toward. The JSON is the commit: without its targets it is answered
+again. KEY hashes everything that changes the answers: the model's files, the adapter
+continued from, quantization and precision, the chat template, the prompts, probe questions
+and questions to rewrite in order, and the generation settings. A restart (or a resumed
+run) with the same spec reads it instead of generating again.
 """
 
 from __future__ import annotations
@@ -239,8 +240,7 @@ class Retention:
         ids, logp = tensors["ids"].to(torch.long), tensors["logp"]
         if ids.shape[0] != sum(lengths) or logp.shape != (ids.shape[0], ids.shape[1] + 1):
             raise ValueError(f"targets of shapes {tuple(ids.shape)} and {tuple(logp.shape)} for {sum(lengths)} answer tokens")
-        starts = [sum(lengths[:i]) for i in range(len(lengths))]
-        return [BaseTargets(ids[a : a + n], logp[a : a + n]) for a, n in zip(starts, lengths)]
+        return [BaseTargets(i, p) for i, p in zip(ids.split(lengths), logp.split(lengths))]
 
     def _read(self, store, name: str, targets_name: str) -> Optional[BaseAnswers]:
         from safetensors import SafetensorError
