@@ -22,7 +22,7 @@ from typing import Optional
 import yaml
 
 from bench.common import RESULTS_DIR, machine
-from bench.retention import GENERAL, SETS, base_answers_in_process, max_tokens
+from bench.retention import GENERAL, SETS, answers_of, base_answers_in_process, max_tokens
 
 
 def scaled_model(base_dir: Path, adapter_dir: Path, scale: float):
@@ -40,20 +40,10 @@ def scaled_model(base_dir: Path, adapter_dir: Path, scale: float):
     return model.merge_and_unload().eval()
 
 
-def answers(model, tokenizer, questions: list[str], max_new_tokens: int) -> list[str]:
-    import torch
-
-    from kubetune.retention.generate import answer_all
-    from kubetune.retention.phase import prompt_ids
-
-    prompts = [prompt_ids(tokenizer, q) for q in questions]
-    return [a.text for a in answer_all(model, tokenizer, prompts, max_new_tokens, 16, 0, 1, False, torch.device("cpu"))]
-
-
 def measure(folder: Path, scales: list[float]) -> dict:
     from transformers import AutoTokenizer
 
-    from kubetune.api.spec import ModelSpec
+    from kubetune.api.spec import ModelSpec, RetentionSpec
     from kubetune.artifacts.model_source import default_cache_dir, materialize_model
     from kubetune.cli.run import load_questions, score
     from kubetune.retention.measure import retention_report
@@ -73,14 +63,13 @@ def measure(folder: Path, scales: list[float]) -> dict:
     cached = json.loads(cache.read_text())["probes"]
     probes = {p.question: p for p in load_probes(None, workdir)}
     probes = [probes[r["question"]] for r in cached]
-    spec_retention = document["spec"].get("retention") or {}
-    probe_tokens = (spec_retention.get("probes") or {}).get("maxNewTokens", 32)
+    probe_tokens = RetentionSpec.model_validate(document["spec"].get("retention") or {}).probes.max_new_tokens
     rows = []
     for scale in scales:
         model = scaled_model(base_dir, run_dir / "output" / "adapter", scale)
-        tuned = score(asked, answers(model, tokenizer, [q["question"] for q in asked], max_tokens(document)), base_asked)
-        tuned_more = score(more, answers(model, tokenizer, [q["question"] for q in more], max_tokens(document)), base_more)
-        report = retention_report(probes, [r["answer"] for r in cached], answers(model, tokenizer, [p.question for p in probes], probe_tokens), 0.9)
+        tuned = score(asked, answers_of(model, tokenizer, [q["question"] for q in asked], max_tokens(document)), base_asked)
+        tuned_more = score(more, answers_of(model, tokenizer, [q["question"] for q in more], max_tokens(document)), base_more)
+        report = retention_report(probes, [r["answer"] for r in cached], answers_of(model, tokenizer, [p.question for p in probes], probe_tokens), 0.9)
         row = {
             "scale": scale,
             "trained": tuned.get("trained", {}).get("right"),

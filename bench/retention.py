@@ -130,12 +130,19 @@ def answer_in_process(model_dir: Path, questions: list[dict], max_new_tokens: in
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return answers_of(model, tokenizer, [q["question"] for q in questions], max_new_tokens)
+
+
+def answers_of(model, tokenizer, questions: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers of a loaded model, batched (16) in this process on the CPU."""
+    import torch
+
     from kubetune.retention.generate import answer_all
     from kubetune.retention.phase import prompt_ids
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    prompts = [prompt_ids(tokenizer, q["question"]) for q in questions]
+    prompts = [prompt_ids(tokenizer, q) for q in questions]
     return [a.text for a in answer_all(model, tokenizer, prompts, max_new_tokens, 16, 0, 1, False, torch.device("cpu"))]
 
 

@@ -68,6 +68,10 @@ class BaseTargets:
     def head(self, n: int) -> "BaseTargets":
         return BaseTargets(self.ids[:n], self.logp[:n])
 
+    def copy(self) -> "BaseTargets":
+        """With storage of its own: a slice of a batch's tensors keeps, and pickles, the whole batch."""
+        return BaseTargets(self.ids.clone(), self.logp.clone())
+
 
 @dataclass
 class Sample:

@@ -124,7 +124,7 @@ def answer_share(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
                 if k < own:
                     for i, (ids, targets) in zip(batch, generated):
                         answer, finished = cut_answer(ids, stop_ids)
-                        mine[i] = (answer, finished, None if targets is None else targets.head(len(answer)))
+                        mine[i] = (answer, finished, None if targets is None else targets.head(len(answer)).copy())
     finally:
         model.train(was_training)
     return mine

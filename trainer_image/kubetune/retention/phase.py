@@ -81,10 +81,10 @@ def replay_sample(prompt: list[int], answer: list[int], limits: LengthLimits, ta
 
 def top_k_mass(answers: list[Answer]) -> Optional[float]:
     """The mean share of the base model's probability its kept top-k tokens hold, over all replayed answer tokens."""
-    import math
+    import torch
 
-    rest = [float(x) for a in answers if a.targets is not None for x in a.targets.logp[:, -1]]
-    return round(1.0 - sum(math.exp(x) for x in rest) / len(rest), 4) if rest else None
+    rest = torch.cat([a.targets.logp[:, -1] for a in answers if a.targets is not None] or [torch.empty(0)])
+    return round(1.0 - float(rest.exp().mean()), 4) if len(rest) else None
 
 
 @contextlib.contextmanager
